@@ -1,0 +1,3 @@
+from ternchat.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,255 @@
+"""Typed configuration: one dataclass per TOML section, loading, `--set` overrides, validation.
+
+A config file is TOML with the sections below. Every key is checked before anything runs: an
+unknown section or key, a value of the wrong type or out of range raises `ConfigError` with one
+message naming the key and what is valid (the CLI turns it into exit status 2). Techniques that
+later work adds own their own section or keys; until then a key for them is unknown, not ignored.
+The defaults are the `configs/tiny_cpu.toml` preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and what is valid."""
+
+
+def _field(default: Any, *, min: float | None = None, max: float | None = None,
+           choices: tuple[str, ...] | None = None, doc: str = "") -> Any:
+    meta = {"min": min, "max": max, "choices": choices, "doc": doc}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    """[data]: where Rust sources come from, how they are cleaned and split, how shards are cut."""
+
+    sources: list[str] = _field([], doc="extra directories of Rust sources")
+    auto_discover: bool = _field(True, doc="also scan Debian's crate registry, rust-src and ~/.cargo/registry/src")
+    debian: bool = _field(False, doc="download and unpack the curated Debian librust-*-dev crates")
+    debian_crates: str = _field("", doc="file listing Debian packages to fetch; empty = the curated list shipped with ternchat")
+    hf_dataset: str = _field("", doc="optional Hugging Face dataset of Rust files (needs the 'hf' extra)")
+    hf_max_files: int = _field(100_000, min=1, doc="cap on files taken from the Hugging Face dataset")
+    min_file_bytes: int = _field(64, min=1, doc="drop files smaller than this")
+    max_file_bytes: int = _field(400_000, min=1024, doc="drop files larger than this")
+    max_line_chars: int = _field(1000, min=80, doc="a file with a longer line is treated as minified/generated")
+    near_dup_threshold: float = _field(0.85, min=0.5, max=1.0, doc="MinHash Jaccard threshold for near duplicates")
+    minhash_perms: int = _field(128, min=16, max=1024, doc="MinHash permutations")
+    val_fraction: float = _field(0.03, min=0.02, max=0.5, doc="share of bytes held out, whole crates at a time")
+    seed: int = _field(1234, min=0, doc="seed of the train/val crate split")
+    shard_tokens: int = _field(16_000_000, min=1024, doc="tokens per shard file")
+    workers: int = _field(0, min=0, doc="worker processes/threads; 0 = all cores")
+
+
+@dataclass
+class TokenizerConfig:
+    """[tokenizer]: byte-level BPE trained on the train split."""
+
+    vocab_size: int = _field(8192, min=512, max=262_144, doc="total vocabulary, special tokens included")
+    max_train_bytes: int = _field(0, min=0, doc="cap on training text in bytes; 0 = the whole train split")
+
+
+@dataclass
+class ModelConfig:
+    """[model]: the GPT's shape and weight quantization."""
+
+    depth: int = _field(6, min=1, max=256, doc="transformer blocks")
+    d_model: int = _field(384, min=16, doc="residual width")
+    n_heads: int = _field(6, min=1, doc="attention heads")
+    d_ff: int = _field(0, min=0, doc="MLP hidden width; 0 = 4 * d_model")
+    seq_len: int = _field(256, min=8, max=1_048_576, doc="context length in tokens")
+    quant: str = _field("ternary", choices=("ternary", "none"), doc="block linears: BitNet b1.58 ternary or dense")
+
+
+@dataclass
+class OptimConfig:
+    """[optim]: optimizer of the 2-D block matrices and of everything else."""
+
+    matrix_optimizer: str = _field("muon", choices=("muon", "adamw"), doc="optimizer of the 2-D block matrices")
+    lr_matrix: float = _field(0.02, min=0.0, max=10.0, doc="learning rate of the block matrices")
+    lr_embed: float = _field(0.003, min=0.0, max=10.0, doc="AdamW learning rate of the token embedding")
+    lr_head: float = _field(0.003, min=0.0, max=10.0, doc="AdamW learning rate of the LM head")
+    lr_scalar: float = _field(0.003, min=0.0, max=10.0, doc="AdamW learning rate of norms and gains")
+    weight_decay: float = _field(0.0, min=0.0, max=1.0, doc="decoupled weight decay")
+    beta1: float = _field(0.9, min=0.0, max=1.0, doc="AdamW beta1")
+    beta2: float = _field(0.95, min=0.0, max=1.0, doc="AdamW beta2")
+    muon_momentum: float = _field(0.95, min=0.0, max=1.0, doc="Muon Nesterov momentum")
+    grad_clip: float = _field(1.0, min=0.0, doc="global gradient-norm clip; 0 = off")
+
+
+@dataclass
+class TrainConfig:
+    """[train]: batch, length and schedule of a run."""
+
+    run_name: str = _field("tiny_cpu", doc="run directory name under runs/")
+    batch_size: int = _field(16, min=1, doc="sequences per micro-batch per device")
+    grad_accum: int = _field(1, min=1, doc="micro-batches per optimizer step")
+    max_steps: int = _field(0, min=0, doc="optimizer steps; 0 = until time_limit_min")
+    time_limit_min: float = _field(10.0, min=0.0, doc="wall-clock budget in minutes; 0 = no limit")
+    warmup_steps: int = _field(20, min=0, doc="linear LR warmup")
+    warmdown_frac: float = _field(0.3, min=0.0, max=1.0, doc="share of the run with linear LR decay to 0")
+    dtype: str = _field("auto", choices=("auto", "bf16", "fp32"), doc="autocast dtype; auto = bf16 where supported")
+    compile: bool = _field(False, doc="torch.compile the model")
+    seed: int = _field(42, min=0, doc="seed of init and data order")
+    checkpoint_every: int = _field(200, min=0, doc="steps between checkpoints; 0 = only at the end")
+
+
+@dataclass
+class EvalConfig:
+    """[eval]: held-out loss, bits per byte and samples during training."""
+
+    every_steps: int = _field(100, min=0, doc="steps between validation passes; 0 = only at the end")
+    val_batches: int = _field(20, min=1, doc="batches per validation pass")
+    sample_every: int = _field(0, min=0, doc="steps between samples; 0 = only at the end")
+    sample_tokens: int = _field(128, min=1, doc="tokens per sample")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections, used to key data caches."""
+        payload = {name: dataclasses.asdict(getattr(self, name)) for name in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is list:
+        return f"list of {typing.get_args(tp)[0].__name__}"
+    return tp.__name__
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    ok = False
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        ok = isinstance(value, list) and all(isinstance(v, item) for v in value)
+    if not ok:
+        name = _type_name(tp)
+        article = "an" if name[0] in "aeiou" else "a"
+        raise ConfigError(f"{key} must be {article} {name}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_range(key: str, f: dataclasses.Field, value: Any) -> None:
+    lo, hi, choices = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key} = {value!r} is not valid; choose one of: {', '.join(choices)}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = " and ".join(b for b in (f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "") if b)
+        raise ConfigError(f"{key} = {value!r} is out of range; valid values are {bounds}")
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section [{section}] ({origin}); valid sections: {', '.join(SECTIONS)}")
+    obj = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if key not in fields:
+        raise ConfigError(f"unknown config key '{section}.{key}' ({origin}); valid keys in [{section}]: "
+                          f"{', '.join(fields)}")
+    tp = typing.get_type_hints(type(obj))[key]
+    full = f"{section}.{key}"
+    value = _coerce(full, tp, value)
+    _check_range(full, fields[key], value)
+    setattr(obj, key, value)
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is a string: --set train.run_name=myrun
+    return section, key, value
+
+
+def _validate(cfg: Config) -> None:
+    m = cfg.model
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model = {m.d_model} must be divisible by model.n_heads = {m.n_heads}")
+    if (m.d_model // m.n_heads) % 2:
+        raise ConfigError(f"model head size d_model/n_heads = {m.d_model // m.n_heads} must be even (RoPE)")
+    if cfg.data.min_file_bytes >= cfg.data.max_file_bytes:
+        raise ConfigError("data.min_file_bytes must be smaller than data.max_file_bytes")
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Build a Config from the defaults, then the TOML file at `path`, then `section.key=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"top-level key '{section}' in {path} must be a [section]; "
+                                  f"valid sections: {', '.join(SECTIONS)}")
+            for key, value in table.items():
+                _apply(cfg, section, key, value, str(path))
+    for text in overrides:
+        section, key, value = _parse_override(text)
+        _apply(cfg, section, key, value, f"--set {text}")
+    _validate(cfg)
+    return cfg
+
+
+def describe(section: str) -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) rows of one section, for `ternchat config --keys`."""
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,168 @@
+"""Build the Rust corpus: discover files, clean, deduplicate, split train/val by crate, write it.
+
+Output directory (written to a temporary name and renamed when complete):
+`train.jsonl`, `val.jsonl` (one document a line: crate, path, text), `manifest.jsonl` (provenance
+of every kept file: crate, version, path, origin, sha256, bytes, license, split) and
+`summary.json` (counts, bytes, files dropped by reason, duplicates removed, val crates).
+The split is by crate *name*, so two versions of one crate never straddle train and val.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter, defaultdict
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Iterator
+
+from tqdm import tqdm
+
+from ternchat.config import DataConfig
+from ternchat.data.clean import CleanRules, NearDuplicateIndex, check_file
+from ternchat.data.discover import SourceFile, scan_root
+from ternchat.data.errors import DataError
+
+SPLITS = ("train", "val")
+
+
+def worker_count(requested: int) -> int:
+    return requested if requested > 0 else max(1, os.cpu_count() or 1)
+
+
+def split_crates(bytes_by_crate: dict[str, int], val_fraction: float, seed: int) -> set[str]:
+    """Pick whole crates for val, in a seeded order, until they hold `val_fraction` of the bytes.
+
+    A crate that would push val past twice the target is passed over, so one huge crate does not
+    swell val; if only such crates are left, the smallest ones complete the target. At least one
+    crate always stays in train.
+    """
+    if len(bytes_by_crate) < 2:
+        raise DataError(f"the corpus has {len(bytes_by_crate)} crate(s); a train/val split by crate needs "
+                        "at least 2. Add sources (--source DIR, --debian).")
+    target = val_fraction * sum(bytes_by_crate.values())
+    order = sorted(bytes_by_crate, key=lambda c: hashlib.sha256(f"{seed}:{c}".encode()).hexdigest())
+    val: set[str] = set()
+    val_bytes = 0
+    for crate in order:
+        if val_bytes >= target:
+            break
+        if val_bytes + bytes_by_crate[crate] <= 2 * target:
+            val.add(crate)
+            val_bytes += bytes_by_crate[crate]
+    for crate in sorted((c for c in order if c not in val), key=lambda c: bytes_by_crate[c]):
+        if val_bytes >= target or len(val) == len(order) - 1:
+            break
+        val.add(crate)
+        val_bytes += bytes_by_crate[crate]
+    return val
+
+
+def discover_files(roots: list[tuple[Path, str]]) -> list[SourceFile]:
+    """Every `.rs` file under `roots`, in a stable order."""
+    files: list[SourceFile] = []
+    for root, origin in roots:
+        files += scan_root(root, origin)
+    return sorted(files, key=lambda f: f.sort_key)
+
+
+def build_corpus(data: DataConfig, files: list[SourceFile], roots: list[tuple[Path, str]], out: Path) -> dict:
+    """Clean, deduplicate and split `files` (found under `roots`) into `out`; return the summary."""
+    if not files:
+        listed = ", ".join(str(r) for r, _ in roots) or "(none)"
+        raise DataError(f"no .rs files found in the sources: {listed}. Give --source DIR or --debian.")
+
+    rules = CleanRules(data.min_file_bytes, data.max_file_bytes, data.max_line_chars, data.minhash_perms)
+    dropped: Counter[str] = Counter()
+    first_by_sha: dict[str, str] = {}
+    near = NearDuplicateIndex(data.near_dup_threshold, data.minhash_perms)
+    kept: list[tuple[SourceFile, str, str]] = []
+    workers = worker_count(data.workers)
+    check = partial(check_file, rules=rules)
+    paths = [f.abspath for f in files]
+    with Pool(workers) as pool:
+        results = pool.imap(check, paths, chunksize=16) if workers > 1 else map(check, paths)
+        for src, res in tqdm(zip(files, results), total=len(files), desc="clean+dedup", unit="file"):
+            if res.reason:
+                dropped[res.reason] += 1
+                continue
+            key = f"{src.crate}/{src.version}/{src.path}@{src.origin}"
+            if res.sha256 in first_by_sha:
+                dropped["exact_duplicate"] += 1
+                continue
+            first_by_sha[res.sha256] = key
+            if near.add_or_match(key, res.minhash) is not None:
+                dropped["near_duplicate"] += 1
+                continue
+            kept.append((src, res.text, res.sha256))
+    if not kept:
+        raise DataError(f"all {len(files)} files were dropped by cleaning ({dict(dropped)})")
+
+    bytes_by_crate: dict[str, int] = defaultdict(int)
+    for src, text, _ in kept:
+        bytes_by_crate[src.crate] += len(text.encode("utf-8"))
+    val_crates = split_crates(bytes_by_crate, data.val_fraction, data.seed)
+
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    stats = {s: {"files": 0, "bytes": 0, "crates": set()} for s in SPLITS}
+    with open(tmp / "train.jsonl", "w", encoding="utf-8") as train_f, \
+            open(tmp / "val.jsonl", "w", encoding="utf-8") as val_f, \
+            open(tmp / "manifest.jsonl", "w", encoding="utf-8") as manifest_f:
+        for src, text, sha in kept:
+            split = "val" if src.crate in val_crates else "train"
+            nbytes = len(text.encode("utf-8"))
+            (val_f if split == "val" else train_f).write(
+                json.dumps({"crate": src.crate, "path": src.path, "text": text}) + "\n")
+            manifest_f.write(json.dumps({
+                "crate": src.crate, "version": src.version, "path": src.path, "origin": src.origin,
+                "source_path": src.abspath, "sha256": sha, "bytes": nbytes, "license": src.license,
+                "split": split}) + "\n")
+            stats[split]["files"] += 1
+            stats[split]["bytes"] += nbytes
+            stats[split]["crates"].add(src.crate)
+    total_bytes = sum(stats[s]["bytes"] for s in SPLITS)
+    summary = {
+        "files_found": len(files),
+        "files_kept": len(kept),
+        "crates": len(bytes_by_crate),
+        "bytes": total_bytes,
+        "dropped": dict(sorted(dropped.items())),
+        "exact_duplicates": dropped.get("exact_duplicate", 0),
+        "near_duplicates": dropped.get("near_duplicate", 0),
+        "val_byte_fraction": stats["val"]["bytes"] / total_bytes,
+        "splits": {s: {"files": stats[s]["files"], "bytes": stats[s]["bytes"],
+                       "crates": sorted(stats[s]["crates"])} for s in SPLITS},
+        "sources": [{"root": str(root), "origin": origin} for root, origin in roots],
+    }
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    mb = summary["bytes"] / 1e6
+    split = summary["splits"]
+    dropped = ", ".join(f"{k} {v}" for k, v in summary["dropped"].items()) or "none"
+    return (f"corpus: {summary['crates']} crates, {summary['files_kept']} files, {mb:.1f} MB "
+            f"(found {summary['files_found']} files)\n"
+            f"  duplicates removed: {summary['exact_duplicates']} exact, {summary['near_duplicates']} near\n"
+            f"  dropped: {dropped}\n"
+            f"  train: {len(split['train']['crates'])} crates, {split['train']['files']} files, "
+            f"{split['train']['bytes'] / 1e6:.1f} MB\n"
+            f"  val:   {len(split['val']['crates'])} crates, {split['val']['files']} files, "
+            f"{split['val']['bytes'] / 1e6:.1f} MB ({100 * summary['val_byte_fraction']:.1f}% of bytes)")
+
+
+def iter_documents(corpus_dir: Path, split: str) -> Iterator[str]:
+    """The texts of one split, in corpus order."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    with open(Path(corpus_dir) / f"{split}.jsonl", encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)["text"]
