@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def ternchat_home() -> Path:
@@ -11,3 +14,18 @@ def ternchat_home() -> Path:
     path = Path(home).expanduser() if home else Path.home() / ".cache" / "ternchat"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextmanager
+def building(out: Path) -> Iterator[Path]:
+    """A scratch folder that becomes `out` only when the `with` block completes.
+
+    An interrupted build leaves `<out>.partial`, which the next build clears, and never a
+    half-written `out` that a cache check could mistake for a finished one.
+    """
+    scratch = out.with_name(out.name + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    yield scratch
+    shutil.rmtree(out, ignore_errors=True)
+    scratch.rename(out)

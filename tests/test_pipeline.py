@@ -68,3 +68,19 @@ def test_cli_missing_source_is_an_error_not_a_crash(tmp_path):
                              str(tmp_path / "nope")], capture_output=True, text=True, env=env)
     assert result.returncode == 1
     assert "no such directory" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_interrupted_build_leaves_nothing_that_looks_finished(tmp_path):
+    import pytest
+    from ternchat.paths import building
+
+    out = tmp_path / "step"
+    with pytest.raises(KeyboardInterrupt):
+        with building(out) as scratch:
+            (scratch / "half.json").write_text("{")
+            raise KeyboardInterrupt
+    assert not out.exists() and (tmp_path / "step.partial").exists()
+    with building(out) as scratch:
+        (scratch / "done.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["done.json"]
+    assert not (tmp_path / "step.partial").exists()

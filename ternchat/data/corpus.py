@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections import Counter, defaultdict
 from functools import partial
 from multiprocessing import Pool
@@ -25,6 +24,7 @@ from ternchat.config import DataConfig
 from ternchat.data.clean import CleanRules, NearDuplicateIndex, check_file
 from ternchat.data.discover import SourceFile, scan_root
 from ternchat.data.errors import DataError
+from ternchat.paths import building
 
 SPLITS = ("train", "val")
 
@@ -106,9 +106,17 @@ def build_corpus(data: DataConfig, files: list[SourceFile], roots: list[tuple[Pa
         bytes_by_crate[src.crate] += len(text.encode("utf-8"))
     val_crates = split_crates(bytes_by_crate, data.val_fraction, data.seed)
 
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with building(out) as tmp:
+        summary = _write_corpus(kept, val_crates, tmp)
+        summary.update(files_found=len(files), crates=len(bytes_by_crate), dropped=dict(sorted(dropped.items())),
+                       exact_duplicates=dropped.get("exact_duplicate", 0),
+                       near_duplicates=dropped.get("near_duplicate", 0),
+                       sources=[{"root": str(root), "origin": origin} for root, origin in roots])
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _write_corpus(kept: list[tuple[SourceFile, str, str]], val_crates: set[str], tmp: Path) -> dict:
     stats = {s: {"files": 0, "bytes": 0, "crates": set()} for s in SPLITS}
     with open(tmp / "train.jsonl", "w", encoding="utf-8") as train_f, \
             open(tmp / "val.jsonl", "w", encoding="utf-8") as val_f, \
@@ -126,23 +134,13 @@ def build_corpus(data: DataConfig, files: list[SourceFile], roots: list[tuple[Pa
             stats[split]["bytes"] += nbytes
             stats[split]["crates"].add(src.crate)
     total_bytes = sum(stats[s]["bytes"] for s in SPLITS)
-    summary = {
-        "files_found": len(files),
+    return {
         "files_kept": len(kept),
-        "crates": len(bytes_by_crate),
         "bytes": total_bytes,
-        "dropped": dict(sorted(dropped.items())),
-        "exact_duplicates": dropped.get("exact_duplicate", 0),
-        "near_duplicates": dropped.get("near_duplicate", 0),
         "val_byte_fraction": stats["val"]["bytes"] / total_bytes,
         "splits": {s: {"files": stats[s]["files"], "bytes": stats[s]["bytes"],
                        "crates": sorted(stats[s]["crates"])} for s in SPLITS},
-        "sources": [{"root": str(root), "origin": origin} for root, origin in roots],
     }
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return summary
 
 
 def format_summary(summary: dict) -> str:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+from tqdm import tqdm
 
 from ternchat.config import Config
 from ternchat.data import corpus as corpus_mod
@@ -26,7 +27,7 @@ from ternchat.data.debian import curated_crates, fetch_debian_crates, parse_crat
 from ternchat.data.discover import local_rust_roots
 from ternchat.data.errors import DataError
 from ternchat.data.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, evaluate
-from ternchat.paths import ternchat_home
+from ternchat.paths import building, ternchat_home
 
 STEPS = ("corpus", "tokenizer", "shards")
 CORPUS_FORMAT = 2  # bump when cleaning or the corpus layout changes what a step produces
@@ -101,7 +102,7 @@ def prepare_corpus(cfg: Config, home: Path, force: bool, log: Log) -> tuple[Path
     return out, summary, key
 
 
-def _training_texts(corpus_dir: Path, max_bytes: int):
+def _training_texts(corpus_dir: Path, max_bytes: int) -> Iterator[str]:
     taken = 0
     for text in corpus_mod.iter_documents(corpus_dir, "train"):
         if max_bytes and taken >= max_bytes:
@@ -121,15 +122,14 @@ def prepare_tokenizer(cfg: Config, home: Path, corpus_dir: Path, corpus_key: str
         return out, tok
     log(f"tokenizer: training byte-level BPE, vocab {t.vocab_size}, on the train split ...")
     start = time.perf_counter()
-    tok = Tokenizer.train(_training_texts(corpus_dir, t.max_train_bytes), t.vocab_size)
+    train_files = json.loads((corpus_dir / "summary.json").read_text())["splits"]["train"]["files"]
+    texts = tqdm(_training_texts(corpus_dir, t.max_train_bytes), total=train_files, desc="tokenizer", unit="doc")
+    tok = Tokenizer.train(texts, t.vocab_size)
     seconds = time.perf_counter() - start
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save(tmp)
-    (tmp / "build.json").write_text(json.dumps({"corpus": str(corpus_dir), "vocab_size": tok.vocab_size,
-                                                 "train_seconds": seconds, "hash": tok.hash}, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with building(out) as tmp:
+        tok.save(tmp)
+        (tmp / "build.json").write_text(json.dumps({"corpus": str(corpus_dir), "vocab_size": tok.vocab_size,
+                                                     "train_seconds": seconds, "hash": tok.hash}, indent=1))
     log(f"tokenizer: trained in {seconds:.1f}s -> {out} (hash {tok.hash[:12]})")
     return out, tok
 
@@ -152,19 +152,15 @@ def prepare_shards(cfg: Config, home: Path, corpus_dir: Path, corpus_key: str, t
     if not force and (out / shards_mod.INDEX_FILE).exists():
         log(f"shards: up to date in {out}")
         return out
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     summary = json.loads((corpus_dir / "summary.json").read_text())
     threads = corpus_mod.worker_count(cfg.data.workers)
     splits = {}
-    for split in corpus_mod.SPLITS:
-        splits[split] = shards_mod.write_split(
-            corpus_mod.iter_documents(corpus_dir, split), tok, tmp, split, cfg.data.shard_tokens,
-            threads=threads, total=summary["splits"][split]["files"])
-    shards_mod.write_index(tmp, tok.hash, splits)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with building(out) as tmp:
+        for split in corpus_mod.SPLITS:
+            splits[split] = shards_mod.write_split(
+                corpus_mod.iter_documents(corpus_dir, split), tok, tmp, split, cfg.data.shard_tokens,
+                threads=threads, total=summary["splits"][split]["files"])
+        shards_mod.write_index(tmp, tok.hash, splits)
     counts = {s: sum(e["tokens"] for e in entries) for s, entries in splits.items()}
     log(f"shards: train {counts['train']:,} tokens in {len(splits['train'])} file(s), "
         f"val {counts['val']:,} tokens in {len(splits['val'])} file(s) -> {out}")
