@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from ternchat import __version__
 from ternchat.config import SECTIONS, Config, ConfigError, describe, load_config
 from ternchat.data.errors import DataError
+from ternchat.train.errors import RunError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +45,8 @@ def _data_overrides(args: argparse.Namespace) -> list[str]:
         extra.append(f"data.sources={json.dumps(args.source)}")
     if args.debian:
         extra.append("data.debian=true")
+    if args.no_debian:
+        extra.append("data.debian=false")
     if args.crates_file:
         extra.append(f"data.debian_crates={json.dumps(args.crates_file)}")
     if args.no_auto:
@@ -65,6 +69,85 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_result(result: dict) -> None:
+    print(f"trained {result['steps']} steps, {result['tokens_seen']:,} tokens in {result['train_seconds'] / 60:.1f} min "
+          f"({result['tok_s']:,.0f} tok/s), peak memory {result['peak_memory_bytes'] / 2**20:,.0f} MiB")
+    if "val_bpb" in result:
+        print(f"final val loss {result['val_loss']:.4f}, val bits per byte {result['val_bpb']:.4f}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ternchat.train.trainer import resolve_run, train
+
+    cfg, run_dir = resolve_run(args.config, args.overrides, args.run_dir, args.resume)
+    _print_result(train(cfg, run_dir, args.resume))
+    return 0
+
+
+def cmd_speedrun(args: argparse.Namespace) -> int:
+    from ternchat.train.report import write_report
+    from ternchat.train.trainer import resolve_run, train
+
+    cfg, run_dir = resolve_run(args.config, args.overrides, args.run_dir, args.resume)
+    result = train(cfg, run_dir, args.resume)
+    _print_result(result)
+    print(f"report: {write_report(run_dir, cfg, result, result['samples'])}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import codecs
+    import time
+
+    from ternchat.eval.engine import generate
+    from ternchat.runs import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(args.run)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text, count, start = "", 0, time.perf_counter()
+    sys.stdout.write(args.prompt)
+    for token in generate(model, tok.encode(args.prompt), args.max_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=[tok.eod_id]):
+        count += 1
+        piece = decoder.decode(tok.decode_bytes([token]))
+        text += piece
+        hit = next((s for s in args.stop if s in text), None)
+        if hit is not None:
+            piece = piece[:len(piece) - (len(text) - text.index(hit))]
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        if hit is not None:
+            break
+    seconds = time.perf_counter() - start
+    print(f"\n[{count} tokens in {seconds:.2f}s, {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from ternchat.export.packed import export_packed
+    from ternchat.runs import load_run_model
+    from ternchat.data.tokenizer import Tokenizer
+
+    model = load_run_model(args.run)
+    tok = Tokenizer.load(args.run / "tokenizer")
+    out = args.out or args.run / "model_packed.safetensors"
+    dtype = torch.bfloat16 if args.float_dtype == "bf16" else torch.float32
+    sizes = export_packed(model, out, tok.hash, dtype)
+    mib = 2 ** 20
+    print(f"wrote {out}: {sizes['packed_bytes'] / mib:.2f} MiB; the same model is {sizes['fp32_bytes'] / mib:.2f} MiB "
+          f"in fp32 ({sizes['fp32_bytes'] / sizes['packed_bytes']:.1f}x) and {sizes['bf16_bytes'] / mib:.2f} MiB in "
+          f"bf16 ({sizes['bf16_bytes'] / sizes['packed_bytes']:.1f}x)")
+    return 0
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--run-dir", metavar="DIR", help="run folder (default: runs/<train.run_name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ternchat", description="Train, evaluate and run small ternary-weight language models for Rust code.")
@@ -81,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", action="append", metavar="DIR", default=[],
                    help="a directory of Rust sources to add (repeatable)")
     p.add_argument("--debian", action="store_true",
-                   help="download ~150 curated crates from Debian's librust-*-dev packages (~100 MB)")
+                   help="use the ~166 curated crates from Debian's librust-*-dev packages (~100 MB; "
+                        "on by default in the shipped presets)")
+    p.add_argument("--no-debian", action="store_true", help="do not fetch the curated Debian crates")
     p.add_argument("--crates-file", metavar="FILE", help="with --debian: a file of package names to use instead")
     p.add_argument("--no-auto", action="store_true",
                    help="do not scan this machine's Rust sources (Debian registry, rust-src, ~/.cargo)")
@@ -90,6 +175,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action="store_true", help="report tokenizer bytes/token on val and encode MB/s")
     p.add_argument("--force", action="store_true", help="rebuild the steps even if their inputs are unchanged")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help="train a model (builds the data first if needed)",
+                       description="Train the configured model; metrics, checkpoints and samples go to the run "
+                                   "folder. --resume continues from the latest checkpoint exactly.")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("speedrun", help="the main job: data, ~10 minutes of training, eval, samples, report.md",
+                       description="Build the data if missing, train the tiny_cpu preset (or --config) for its "
+                                   "time budget, evaluate val bits per byte, sample, and write report.md.")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_speedrun)
+
+    p = sub.add_parser("sample", help="generate Rust from a trained model",
+                       description="Stream a completion of --prompt from a run folder (latest checkpoint) or a "
+                                   "packed model file.")
+    p.add_argument("--run", type=Path, required=True, metavar="PATH", help="run folder or packed .safetensors")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="export a run's model with packed ternary weights",
+                       description="Write the latest checkpoint's model as packed ternary weights (5 trits per "
+                                   "byte) with embedding and head in bf16, in safetensors.")
+    p.add_argument("--run", type=Path, required=True, metavar="DIR", help="run folder")
+    p.add_argument("--format", choices=["packed"], default="packed")
+    p.add_argument("--float-dtype", choices=["bf16", "fp32"], default="bf16",
+                   help="dtype of embedding and head (fp32 keeps the logits of the checkpoint exactly)")
+    p.add_argument("--out", type=Path, help="output file (default: RUN/model_packed.safetensors)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("config", help="print the resolved config, or all keys with --keys",
                        description="Load and validate a config (with --set overrides) and print it as TOML.")
@@ -106,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ternchat: config error: {e}", file=sys.stderr)
         return 2
-    except DataError as e:
+    except (DataError, RunError) as e:
         print(f"ternchat: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

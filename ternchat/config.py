@@ -44,7 +44,7 @@ class DataConfig:
 
     sources: list[str] = _field([], doc="extra directories of Rust sources")
     auto_discover: bool = _field(True, doc="also scan Debian's crate registry, rust-src and ~/.cargo/registry/src")
-    debian: bool = _field(False, doc="download and unpack the curated Debian librust-*-dev crates")
+    debian: bool = _field(True, doc="download and unpack the curated Debian librust-*-dev crates")
     debian_crates: str = _field("", doc="file listing Debian packages to fetch; empty = the curated list shipped with ternchat")
     hf_dataset: str = _field("", doc="optional Hugging Face dataset of Rust files (needs the 'hf' extra)")
     hf_max_files: int = _field(100_000, min=1, doc="cap on files taken from the Hugging Face dataset")
@@ -106,8 +106,12 @@ class TrainConfig:
     time_limit_min: float = _field(10.0, min=0.0, doc="wall-clock budget in minutes; 0 = no limit")
     warmup_steps: int = _field(20, min=0, doc="linear LR warmup")
     warmdown_frac: float = _field(0.3, min=0.0, max=1.0, doc="share of the run with linear LR decay to 0")
+    schedule: str = _field("wsd", choices=("wsd", "bitnet_two_stage"),
+                           doc="wsd: warmup-constant-warmdown; bitnet_two_stage: LR halves and weight decay "
+                               "drops to 0 at mid-training, then warmdown")
+    max_bad_steps: int = _field(5, min=1, doc="consecutive non-finite losses that stop the run")
     dtype: str = _field("auto", choices=("auto", "bf16", "fp32"), doc="autocast dtype; auto = bf16 where supported")
-    compile: bool = _field(False, doc="torch.compile the model")
+    compile: bool = _field(True, doc="torch.compile the model (falls back to eager without a C++ compiler on CPU)")
     seed: int = _field(42, min=0, doc="seed of init and data order")
     checkpoint_every: int = _field(200, min=0, doc="steps between checkpoints; 0 = only at the end")
 

@@ -17,7 +17,7 @@ def run(cfg, **kw):
 
 def config_for(*roots, **extra):
     overrides = [f"data.sources={[str(r) for r in roots]!r}".replace("'", '"'), "data.auto_discover=false",
-                 "data.val_fraction=0.1", "tokenizer.vocab_size=700", "data.shard_tokens=50000"]
+                 "data.debian=false", "data.val_fraction=0.1", "tokenizer.vocab_size=700", "data.shard_tokens=50000"]
     overrides += [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
     return load_config(overrides=overrides)
 
@@ -50,7 +50,7 @@ def test_pipeline_builds_then_skips_unchanged_steps(tmp_path, debian_roots, fixt
 
 def test_cli_runs_the_pipeline_and_prints_the_summary(tmp_path, debian_roots):
     env = dict(os.environ, TERNCHAT_HOME=str(tmp_path / "home"))
-    args = [sys.executable, "-m", "ternchat", "data", "--no-auto", "--vocab-size", "600", "--eval",
+    args = [sys.executable, "-m", "ternchat", "data", "--no-auto", "--no-debian", "--vocab-size", "600", "--eval",
             "--set", "data.val_fraction=0.1"]
     for root in debian_roots:
         args += ["--source", str(root)]
@@ -64,7 +64,7 @@ def test_cli_runs_the_pipeline_and_prints_the_summary(tmp_path, debian_roots):
 
 def test_cli_missing_source_is_an_error_not_a_crash(tmp_path):
     env = dict(os.environ, TERNCHAT_HOME=str(tmp_path / "home"))
-    result = subprocess.run([sys.executable, "-m", "ternchat", "data", "--no-auto", "--source",
+    result = subprocess.run([sys.executable, "-m", "ternchat", "data", "--no-auto", "--no-debian", "--source",
                              str(tmp_path / "nope")], capture_output=True, text=True, env=env)
     assert result.returncode == 1
     assert "no such directory" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,1 @@
+"""Evaluation: bits per byte and the generation engine."""

@@ -1,0 +1,38 @@
+"""Validation loss and bits per byte on the held-out crates.
+
+Bits per byte = (summed cross-entropy in nats) / (ln 2 * summed UTF-8 bytes of the target
+tokens), so models with different tokenizers compare fairly. Special tokens (<|bos|>, <|eod|>)
+have no bytes and are left out of both sums, as nanochat does.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager
+
+import torch
+
+from ternchat.data.loader import TokenLoader
+
+
+@torch.no_grad()
+def evaluate_bpb(model: torch.nn.Module, loader: TokenLoader, token_bytes: torch.Tensor, batches: int,
+                 autocast: AbstractContextManager) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    nats = torch.zeros((), dtype=torch.float64)
+    nbytes = torch.zeros((), dtype=torch.float64)
+    loss_sum, count = 0.0, 0
+    for _ in range(min(batches, loader.steps_per_epoch)):
+        x, y = loader.next_batch()
+        with autocast:
+            losses = model(x, y, reduction="none").float()
+        per_token_bytes = token_bytes[y.reshape(-1)]
+        counted = per_token_bytes > 0
+        nats += (losses * counted).sum().double().cpu()
+        nbytes += per_token_bytes.sum().double().cpu()
+        loss_sum += losses.sum().item()
+        count += losses.numel()
+    model.train(was_training)
+    return {"val_loss": loss_sum / max(count, 1), "val_bpb": (nats / (math.log(2) * nbytes.clamp(min=1))).item(),
+            "val_tokens": count}

@@ -1,0 +1,84 @@
+"""Packed ternary export: 5 trits per byte (1.6 bits per weight) plus one scale per matrix.
+
+Every block matrix is stored as its ternary codes {-1, 0, +1}, shifted to {0, 1, 2} and packed
+base-3, five to a byte (3^5 = 243 <= 256), with its fp32 absmean scale beta. The token embedding
+and LM head are stored in bf16 (or fp32 with `float_dtype`), norm gains in fp32, all in one
+safetensors file whose metadata holds the model shape and tokenizer hash. Loading rebuilds the
+GPT with inference-form ternary layers whose weights are exactly the training forward's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ternchat.model.bitlinear import BitLinear, TernaryLinear, to_inference
+from ternchat.model.gpt import GPT, GPTShape
+
+FORMAT = "ternchat-packed-1"
+TRITS_PER_BYTE = 5
+_POWERS = torch.tensor([3 ** i for i in range(TRITS_PER_BYTE)], dtype=torch.int32)
+
+
+def pack_trits(codes: torch.Tensor) -> torch.Tensor:
+    """Flatten codes in {-1, 0, 1} and pack five per uint8."""
+    digits = (codes.reshape(-1).to(torch.int32) + 1)
+    pad = (-digits.numel()) % TRITS_PER_BYTE
+    digits = torch.cat([digits, torch.ones(pad, dtype=torch.int32)])  # pad with code 0
+    return (digits.view(-1, TRITS_PER_BYTE) * _POWERS).sum(dim=1).to(torch.uint8)
+
+
+def unpack_trits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    values = packed.to(torch.int32).unsqueeze(1)
+    digits = (values // _POWERS) % 3
+    return (digits.reshape(-1)[:count] - 1).to(torch.int8)
+
+
+def export_packed(model: GPT, path: Path, tokenizer_hash: str, float_dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Write `model` packed to `path`; return sizes in bytes."""
+    tensors: dict[str, torch.Tensor] = {}
+    packed_weights = set()
+    for name, module in model.named_modules():
+        if isinstance(module, BitLinear):
+            packed_weights.add(f"{name}.weight")
+            module = TernaryLinear.from_bitlinear(module)
+        if isinstance(module, TernaryLinear):
+            tensors[f"{name}.codes"] = pack_trits(module.codes)
+            tensors[f"{name}.beta"] = module.beta.reshape(1)
+    for name, p in model.named_parameters():
+        if name in packed_weights:
+            continue
+        # Matrices (embedding, head, dense block linears) in float_dtype; norm gains stay fp32.
+        tensors[name] = p.detach().to(float_dtype if p.ndim == 2 else torch.float32).contiguous()
+    metadata = {"format": FORMAT, "shape": json.dumps(asdict(model.shape)), "tokenizer_hash": tokenizer_hash}
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    n_params = sum(model.parameter_counts()[k] for k in ("embedding", "head", "block_matrices", "norm_gains"))
+    return {"packed_bytes": Path(path).stat().st_size, "fp32_bytes": 4 * n_params, "bf16_bytes": 2 * n_params}
+
+
+def load_packed(path: Path) -> tuple[GPT, str]:
+    """The inference model stored at `path`, and the hash of the tokenizer it needs."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a ternchat packed model (format {meta.get('format')!r})")
+        shape = GPTShape(**json.loads(meta["shape"]))
+        model = GPT(shape)
+        if shape.quant == "ternary":
+            to_inference(model)
+        state = {}
+        for name, module in model.named_modules():
+            if isinstance(module, TernaryLinear):
+                count = module.out_features * module.in_features
+                codes = unpack_trits(f.get_tensor(f"{name}.codes"), count).view(module.out_features, module.in_features)
+                state[f"{name}.codes"] = codes
+                state[f"{name}.beta"] = f.get_tensor(f"{name}.beta").reshape(())
+        for name, p in model.named_parameters():
+            state[name] = f.get_tensor(name).float()
+    model.load_state_dict(state)
+    return model.eval(), meta["tokenizer_hash"]

@@ -1,0 +1,1 @@
+"""The ternary GPT: BitLinear layers and the transformer built from them."""

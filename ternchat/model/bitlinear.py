@@ -1,0 +1,105 @@
+"""BitLinear b1.58: ternary weights, 8-bit activations, straight-through estimator.
+
+BitNet b1.58 (Ma et al. 2024, arXiv:2402.17764) and Microsoft's "training tips" code: the latent
+weight W is kept in full precision; every forward quantizes it per tensor to {-1, 0, +1} * beta
+with beta = mean|W| (absmean, recomputed each forward), and quantizes the input per token to
+8 bits with the absmax scale 127 / max|x|. Rounding has no gradient, so the backward pass uses
+the straight-through estimator: `x + (q(x) - x).detach()` passes the gradient of q(x) to x as
+if q were the identity. The layer expects a normalized input (the GPT puts an RMSNorm in front of
+every BitLinear), has no bias, and also offers the packed form used by export and inference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EPS = 1e-5
+
+
+def ternary_scale(w: torch.Tensor) -> torch.Tensor:
+    """beta = mean|W|, the per-tensor absmean scale."""
+    return w.abs().mean().clamp(min=EPS)
+
+
+def ternary_codes(w: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """round(W / beta) clipped to {-1, 0, +1}, in W's dtype."""
+    return (w / beta).round().clamp(-1, 1)
+
+
+def quantize_weight(w: torch.Tensor) -> torch.Tensor:
+    """The ternary weight {-beta, 0, +beta} that the forward pass uses."""
+    beta = ternary_scale(w)
+    return ternary_codes(w, beta) * beta
+
+
+def quantize_activation(x: torch.Tensor) -> torch.Tensor:
+    """Per-token (last dim) symmetric 8-bit absmax fake quantization."""
+    scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    return (x * scale).round().clamp(-128, 127) / scale
+
+
+def ste(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """Forward value exactly `quantized`, gradient of the identity with respect to `x`."""
+    return quantized.detach() + (x - x.detach())
+
+
+class BitLinear(nn.Linear):
+    """A bias-free linear whose forward uses ternary weights and 8-bit activations."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        # Quantize in fp32 even under autocast, so the ternary grid does not depend on the dtype.
+        x_q = ste(x, quantize_activation(x.float()).to(x.dtype))
+        w_q = ste(w, quantize_weight(w.float()).to(w.dtype))
+        return F.linear(x_q, w_q)
+
+
+class TernaryLinear(nn.Module):
+    """Inference form of BitLinear: fixed int8 codes in {-1, 0, +1} and the scale beta.
+
+    Its output equals BitLinear's for the weight it was made from, bit for bit, without
+    re-quantizing the weight at every call.
+    """
+
+    def __init__(self, codes: torch.Tensor, beta: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("beta", beta.detach().float().reshape(()))
+
+    @classmethod
+    def from_bitlinear(cls, layer: BitLinear) -> "TernaryLinear":
+        w = layer.weight.detach().float()
+        beta = ternary_scale(w)
+        return cls(ternary_codes(w, beta), beta)
+
+    def weight_values(self) -> torch.Tensor:
+        return self.codes.float() * self.beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_q = quantize_activation(x.float()).to(x.dtype)
+        return F.linear(x_q, self.weight_values().to(x.dtype))
+
+
+def to_inference(model: nn.Module) -> nn.Module:
+    """Replace every BitLinear in `model` (in place) by its TernaryLinear; returns the model."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, BitLinear):
+            setattr(model, name, TernaryLinear.from_bitlinear(child))
+        else:
+            to_inference(child)
+    return model
+
+
+def make_linear(in_features: int, out_features: int, quant: str) -> nn.Linear:
+    """The layer factory's one switch: ternary BitLinear, or a dense bias-free baseline."""
+    if quant == "ternary":
+        return BitLinear(in_features, out_features)
+    if quant == "none":
+        return nn.Linear(in_features, out_features, bias=False)
+    raise ValueError(f"unknown quantization {quant!r}; choose 'ternary' or 'none'")

@@ -1,0 +1,192 @@
+"""The GPT: a decoder-only transformer whose block linears are ternary BitLinear layers.
+
+Read top to bottom: token embedding (full precision, untied from the head) -> `depth` pre-norm
+blocks -> final RMSNorm -> LM head (full precision). A block is
+    x = x + o_proj(SubLN(attention(RMSNorm(x))))      attention: QK-norm, RoPE, causal SDPA
+    x = x + down(SubLN(relu(up(RMSNorm(x)))^2))       ReLU^2 MLP
+with SubLN the extra RMSNorm before the output projections of BitNet b1.58 2B4T. There are no
+biases. Which linear is built (ternary or dense) is the layer factory's choice (`make_linear`).
+A KV cache serves incremental decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ternchat.config import ModelConfig
+from ternchat.model.bitlinear import BitLinear, TernaryLinear, make_linear
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    vocab_size: int
+    depth: int
+    d_model: int
+    n_heads: int
+    d_ff: int
+    seq_len: int
+    quant: str
+
+    @classmethod
+    def from_config(cls, m: ModelConfig, vocab_size: int) -> "GPTShape":
+        return cls(vocab_size, m.depth, m.d_model, m.n_heads, m.d_ff or 4 * m.d_model, m.seq_len, m.quant)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm computed in fp32 whatever the autocast dtype, returned in the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight, self.eps).to(x.dtype)
+
+
+def rms_norm(dim: int) -> RMSNorm:
+    return RMSNorm(dim, eps=1e-6)
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of the head dim; x is (B, T, H, D)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for up to `max_len` positions."""
+
+    def __init__(self, shape: GPTShape, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        size = (shape.depth, batch, shape.n_heads, max_len, shape.head_dim)
+        self.k = torch.zeros(size, device=device, dtype=dtype)
+        self.v = torch.zeros(size, device=device, dtype=dtype)
+        self.pos = 0
+        self.max_len = max_len
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, s: GPTShape, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.head_dim = layer, s.n_heads, s.head_dim
+        self.qkv = make_linear(s.d_model, 3 * s.d_model, s.quant)
+        self.q_norm, self.k_norm = rms_norm(s.head_dim), rms_norm(s.head_dim)
+        self.sub_norm = rms_norm(s.d_model)
+        self.o_proj = make_linear(s.d_model, s.d_model, s.quant)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(dim=2)
+        q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.store(self.layer, k, v)
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # new queries see the whole cache and the causal part of themselves
+            allowed = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.o_proj(self.sub_norm(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, s: GPTShape):
+        super().__init__()
+        self.up = make_linear(s.d_model, s.d_ff, s.quant)
+        self.sub_norm = rms_norm(s.d_ff)
+        self.down = make_linear(s.d_ff, s.d_model, s.quant)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.sub_norm(F.relu(self.up(x)).square()))
+
+
+class Block(nn.Module):
+    def __init__(self, s: GPTShape, layer: int):
+        super().__init__()
+        self.attn_norm, self.attn = rms_norm(s.d_model), Attention(s, layer)
+        self.mlp_norm, self.mlp = rms_norm(s.d_model), MLP(s)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, shape: GPTShape):
+        super().__init__()
+        self.shape = shape
+        self.embed = nn.Embedding(shape.vocab_size, shape.d_model)
+        self.blocks = nn.ModuleList(Block(shape, i) for i in range(shape.depth))
+        self.final_norm = rms_norm(shape.d_model)
+        self.lm_head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
+        cos, sin = rotary_tables(shape.seq_len, shape.head_dim)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.embed.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for block in self.blocks:
+            for linear in (block.attn.qkv, block.mlp.up):
+                nn.init.normal_(linear.weight, std=linear.in_features ** -0.5)
+            for linear in (block.attn.o_proj, block.mlp.down):  # residual branches start silent
+                nn.init.zeros_(linear.weight)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, the cross-entropy instead."""
+        T = idx.shape[1]
+        start = cache.pos if cache is not None else 0
+        if start + T > self.shape.seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the model's seq_len {self.shape.seq_len}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.final_norm(x))
+        if targets is None:
+            return logits
+        logits = logits.float()
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters by kind: embedding, head, block matrices (ternary or dense), norm gains."""
+        counts = {"embedding": self.embed.weight.numel(), "head": self.lm_head.weight.numel(),
+                  "block_matrices": 0, "norm_gains": 0}
+        for module in self.blocks.modules():
+            if isinstance(module, (nn.Linear, TernaryLinear)):
+                counts["block_matrices"] += module.in_features * module.out_features
+            elif isinstance(module, nn.RMSNorm):
+                counts["norm_gains"] += module.weight.numel()
+        counts["norm_gains"] += self.final_norm.weight.numel()
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def is_ternary(self) -> bool:
+        return any(isinstance(m, (BitLinear, TernaryLinear)) for m in self.modules())

@@ -1,0 +1,1 @@
+"""Optimizers and the factory that assigns parameter groups to them."""

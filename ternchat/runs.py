@@ -1,0 +1,43 @@
+"""Find and load trained models for inference: a run folder's latest checkpoint or a packed file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from ternchat.data.errors import DataError
+from ternchat.data.tokenizer import Tokenizer
+from ternchat.export.packed import load_packed
+from ternchat.model.bitlinear import to_inference
+from ternchat.model.gpt import GPT, GPTShape
+from ternchat.train.checkpoint import latest_checkpoint, verify_checkpoint
+
+
+def load_run_model(run_dir: Path) -> GPT:
+    """The latest checkpoint's model in inference form (ternary layers with fixed codes)."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise DataError(f"{run_dir} has no checkpoint; train first (ternchat train) or pass a packed model file")
+    verify_checkpoint(checkpoint)
+    shape = GPTShape(**json.loads((checkpoint / "trainer.json").read_text())["model_shape"])
+    model = GPT(shape)
+    model.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    return to_inference(model).eval()
+
+
+def load_model_and_tokenizer(source: Path) -> tuple[GPT, Tokenizer]:
+    """`source` is a run folder or a packed `.safetensors` file inside one (its tokenizer sits beside it)."""
+    source = Path(source)
+    if source.is_dir():
+        model, tok_dir, want_hash = load_run_model(source), source / "tokenizer", None
+    elif source.is_file():
+        model, want_hash = load_packed(source)
+        tok_dir = source.parent / "tokenizer"
+    else:
+        raise DataError(f"no run folder or model file at {source}")
+    tok = Tokenizer.load(tok_dir)
+    if want_hash is not None and tok.hash != want_hash:
+        raise DataError(f"{source} was made with tokenizer {want_hash[:12]}, but {tok_dir} holds {tok.hash[:12]}")
+    return model, tok

@@ -1,0 +1,67 @@
+"""The run report: `report.md` and `loss.png` in the run folder, from what the run measured."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from ternchat.config import Config
+from ternchat.train.metrics import MetricsLog
+
+
+def plot_loss(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in metrics if "loss" in r and isinstance(r["loss"], float)]
+    val = [(r["step"], r["val_loss"]) for r in metrics if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), lw=0.8, alpha=0.8, label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}"
+
+
+def write_report(run_dir: Path, cfg: Config, result: dict, samples: list[dict]) -> Path:
+    metrics = MetricsLog(run_dir / "metrics.jsonl").read()
+    plot_loss(metrics, run_dir / "loss.png")
+    losses = [r["loss"] for r in metrics if isinstance(r.get("loss"), float)]
+    params = result["parameters"]
+    lines = [
+        f"# Run report: {run_dir.name}", "",
+        f"Machine: {machine()}. Device used: {result['device']}.", "",
+        "| measure | value |", "|---|---|",
+        f"| steps | {result['steps']} |",
+        f"| tokens seen | {result['tokens_seen']:,} |",
+        f"| training time | {result['train_seconds'] / 60:.1f} min |",
+        f"| throughput | {result['tok_s']:,.0f} tokens/s |",
+        f"| peak memory | {result['peak_memory_bytes'] / 2**20:,.0f} MiB |",
+        f"| first / last train loss | {losses[0]:.3f} / {losses[-1]:.3f} |" if losses else "| train loss | - |",
+        f"| final val loss | {result.get('val_loss', float('nan')):.4f} |",
+        f"| final val bits per byte | {result.get('val_bpb', float('nan')):.4f} |", "",
+        "Parameters: " + ", ".join(f"{k} {v:,}" for k, v in params.items()), "",
+        "![loss curve](loss.png)", "", "## Samples", "",
+    ]
+    for s in samples:
+        lines += ["```rust", s["prompt"] + s["completion"], "```", ""]
+    lines += ["## Config", "", "```toml", cfg.to_toml().rstrip(), "```", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,247 @@
+"""The training loop: data -> model -> loss -> backward -> optimizer, with evals and checkpoints.
+
+The loop knows the model, the optimizer factory's `CombinedOptimizer` and the schedule, and
+nothing about which optimizer or linear layer runs. A run lives in `runs/<name>/`: the resolved
+`config.toml`, a copy of the tokenizer, `metrics.jsonl`, `checkpoints/`, `samples/`. With a time
+budget instead of a step count, the number of steps is fixed once from the first steps' speed
+and saved, so a resumed run follows the same schedule and repeats the same losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ternchat.config import Config, load_config
+from ternchat.data.loader import TokenLoader
+from ternchat.data.pipeline import prepare_data
+from ternchat.data.shards import shard_paths
+from ternchat.data.tokenizer import Tokenizer
+from ternchat.eval.bpb import evaluate_bpb
+from ternchat.eval.engine import generate
+from ternchat.model.gpt import GPT, GPTShape
+from ternchat.optim.factory import build_optimizer
+from ternchat.train.errors import RunError
+from ternchat.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ternchat.train.metrics import MetricsLog
+from ternchat.train.schedule import schedule
+
+SAMPLE_PROMPTS = ["fn fibonacci(n: u64) -> u64 {", "pub struct Stack<T> {",
+                  "use std::collections::HashMap;\n\nfn main() {"]
+TIMING_STEPS = 5  # steps measured before fixing the length of a time-budgeted run
+
+
+class TrainingError(RunError):
+    """The run cannot go on (non-finite losses, an existing run without --resume, ...)."""
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_for(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and bf16_supported(device))
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def compile_if_possible(model: torch.nn.Module, device: torch.device, log) -> torch.nn.Module:
+    """torch.compile, unless the CPU backend's C++ compiler is missing (then eager, with a warning)."""
+    if device.type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+        log("warning: train.compile is on but no C++ compiler (g++/clang++) is on PATH; training eagerly")
+        return model
+    return torch.compile(model)
+
+
+def write_samples(model: GPT, tok: Tokenizer, path: Path, max_tokens: int, seed: int) -> list[dict]:
+    samples = []
+    for prompt in SAMPLE_PROMPTS:
+        ids = list(generate(model, tok.encode(prompt), max_tokens, temperature=0.8, top_k=50, seed=seed,
+                            stop_ids=[tok.eod_id]))
+        samples.append({"prompt": prompt, "completion": tok.decode(ids)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"### prompt\n```rust\n{s['prompt']}\n```\n### completion\n```rust\n"
+                            f"{s['prompt']}{s['completion']}\n```\n\n" for s in samples))
+    return samples
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, log=print):
+        self.run_dir, self.log = Path(run_dir), log
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is not None and not resume:
+            raise TrainingError(f"{self.run_dir} already has checkpoints; pass --resume to continue that run, or "
+                                "choose another name with --set train.run_name=NAME")
+        if resume and checkpoint is None:
+            log(f"no checkpoint in {self.run_dir}; starting a new run")
+        self.cfg = cfg
+        self.device = pick_device()
+        data = prepare_data(cfg, log=log)
+        self.tok = data.tokenizer
+        self.shape = GPTShape.from_config(cfg.model, self.tok.vocab_size)
+        torch.manual_seed(cfg.train.seed)
+        self.model = GPT(self.shape).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        t = cfg.train
+        self.train_loader = TokenLoader(shard_paths(data.shard_dir, "train"), t.batch_size, cfg.model.seq_len,
+                                        seed=t.seed, tokenizer_hash=self.tok.hash, device=self.device)
+        self.val_paths = shard_paths(data.shard_dir, "val")
+        self.token_bytes = torch.tensor(self.tok.token_bytes(), dtype=torch.float32, device=self.device)
+        self.autocast = autocast_for(t.dtype, self.device)
+        self.forward = compile_if_possible(self.model, self.device, log) if t.compile else self.model
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.step, self.max_steps, self.tokens_seen, self.elapsed = 0, t.max_steps, 0, 0.0
+        if checkpoint is not None:
+            self._resume(checkpoint)
+        else:
+            self._start_run_dir()
+
+    # --- run directory ----------------------------------------------------------------------
+    def _start_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.toml").write_text(self.cfg.to_toml())
+        shutil.rmtree(self.run_dir / "tokenizer", ignore_errors=True)
+        self.tok.save(self.run_dir / "tokenizer")
+        self.metrics.path.unlink(missing_ok=True)
+
+    def _resume(self, checkpoint: Path) -> None:
+        state = load_checkpoint(checkpoint, self.model, self.optimizer, self.shape)
+        self.train_loader.load_state_dict(state["loader"])
+        self.step, self.max_steps = state["step"], state["max_steps"]
+        self.tokens_seen, self.elapsed = state["tokens_seen"], state["elapsed"]
+        self.metrics.truncate_after(self.step)
+        self.log(f"resumed {self.run_dir} from {checkpoint.name} (step {self.step} of {self.max_steps})")
+
+    def _checkpoint(self) -> None:
+        save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, {
+            "step": self.step, "max_steps": self.max_steps, "tokens_seen": self.tokens_seen,
+            "elapsed": self.elapsed, "loader": self.train_loader.state_dict(), "model_shape": asdict(self.shape)})
+
+    # --- pieces of a step -------------------------------------------------------------------
+    def _train_step(self) -> float:
+        t, o = self.cfg.train, self.cfg.optim
+        lr_scale, wd_scale = schedule(self.step, self.max_steps or 1, t.warmup_steps, t.warmdown_frac, t.schedule)
+        self.optimizer.set_schedule(lr_scale, wd_scale)
+        total = torch.zeros((), device=self.device)
+        for _ in range(t.grad_accum):
+            x, y = self.train_loader.next_batch()
+            with self.autocast:
+                loss = self.forward(x, y) / t.grad_accum
+            loss.backward()
+            total += loss.detach()
+        loss_value = total.item()
+        if math.isfinite(loss_value):
+            if o.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+            self.optimizer.step()
+        self.optimizer.zero_grad()
+        return loss_value
+
+    def evaluate(self) -> dict:
+        loader = TokenLoader(self.val_paths, self.cfg.train.batch_size, self.cfg.model.seq_len, shuffle=False,
+                             tokenizer_hash=self.tok.hash, device=self.device, verify=False)
+        return evaluate_bpb(self.model, loader, self.token_bytes, self.cfg.eval.val_batches, self.autocast)
+
+    def _fix_length_from_speed(self, run_start: float, timing_start: float) -> None:
+        now = time.perf_counter()
+        per_step = (now - timing_start) / TIMING_STEPS
+        # Leave a tenth of the budget for evals, samples and checkpoints; warm-up already spent its share.
+        remaining = self.cfg.train.time_limit_min * 60 * 0.9 - (now - run_start)
+        self.max_steps = self.step + max(1, int(remaining / per_step))
+        self.log(f"{per_step:.2f}s per step: a {self.cfg.train.time_limit_min:g}-minute budget is "
+                 f"{self.max_steps} steps")
+
+    def _due(self, every: int) -> bool:
+        return self.step == self.max_steps or (every > 0 and self.step % every == 0)
+
+    # --- the loop ---------------------------------------------------------------------------
+    def run(self) -> dict:
+        t, e = self.cfg.train, self.cfg.eval
+        if self.max_steps == 0 and t.time_limit_min == 0:
+            raise TrainingError("set train.max_steps or train.time_limit_min; both are 0")
+        tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.seq_len
+        timing = self.max_steps == 0
+        bar = tqdm(total=self.max_steps or None, initial=self.step, desc="train", unit="step", file=sys.stderr)
+        bad_steps, last_val, samples, start = 0, {}, [], time.perf_counter()
+        timing_start = start
+        while self.max_steps == 0 or self.step < self.max_steps:
+            step_start = time.perf_counter()
+            loss = self._train_step()
+            self.step += 1
+            self.tokens_seen += tokens_per_step
+            self.elapsed += time.perf_counter() - step_start
+            if timing and self.step == 1:
+                timing_start = time.perf_counter()  # the first step pays for warm-up and compilation
+            if timing and self.step == 1 + TIMING_STEPS:
+                self._fix_length_from_speed(start, timing_start)
+                bar.reset(total=self.max_steps)
+                bar.update(self.step)
+                timing = False
+            tok_s = tokens_per_step / max(time.perf_counter() - step_start, 1e-9)
+            if not math.isfinite(loss):
+                bad_steps += 1
+                self.metrics.write(step=self.step, event="nonfinite_loss", loss=str(loss))
+                self.log(f"step {self.step}: loss is {loss}; update skipped ({bad_steps} in a row)")
+                if bad_steps >= t.max_bad_steps:
+                    raise TrainingError(f"{bad_steps} non-finite losses in a row at step {self.step}; stopping. "
+                                        "The last good checkpoint is kept; lower the learning rate and --resume.")
+                continue
+            bad_steps = 0
+            self.metrics.write(step=self.step, loss=loss, tokens=self.tokens_seen, tok_s=tok_s,
+                               elapsed_s=self.elapsed)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+            bar.update(1)
+            if self.max_steps and self._due(e.every_steps):
+                last_val = self.evaluate()
+                self.metrics.write(step=self.step, **last_val)
+                bar.write(f"step {self.step}: val loss {last_val['val_loss']:.4f}, val bpb {last_val['val_bpb']:.4f}")
+            if self.max_steps and self._due(e.sample_every):
+                samples = write_samples(self.model, self.tok, self.run_dir / "samples" / f"step_{self.step:06d}.md",
+                              e.sample_tokens, seed=t.seed)
+            if self.max_steps and self._due(t.checkpoint_every):
+                self._checkpoint()
+        bar.close()
+        wall = time.perf_counter() - start
+        return {"steps": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.elapsed,
+                "wall_seconds_this_session": wall, "tok_s": self.tokens_seen / max(self.elapsed, 1e-9),
+                "peak_memory_bytes": peak_memory_bytes(self.device), **last_val,
+                "parameters": self.model.parameter_counts(), "device": str(self.device), "samples": samples}
+
+
+def resolve_run(config_path: str | None, overrides: list[str], run_dir: str | None, resume: bool) -> tuple[Config, Path]:
+    """The config and run folder of a train command; a resumed run reuses its saved config."""
+    cfg = load_config(config_path, overrides)
+    path = Path(run_dir) if run_dir else Path("runs") / cfg.train.run_name
+    saved = path / "config.toml"
+    if resume and saved.exists():
+        cfg = load_config(saved, overrides)
+    return cfg, path
+
+
+def train(cfg: Config, run_dir: Path, resume: bool = False, log=print) -> dict:
+    return Trainer(cfg, run_dir, resume, log).run()

@@ -1,0 +1,140 @@
+"""Training on real Rust shards: loss falls, kill -9 and resume repeats the same losses, bad input is refused."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ternchat.config import load_config
+from ternchat.data.pipeline import prepare_data
+from ternchat.train.checkpoint import CheckpointError, latest_checkpoint
+from ternchat.train.schedule import schedule
+from ternchat.train.trainer import Trainer, TrainingError, train
+
+
+def tiny_overrides(sources):
+    return [f"data.sources={json.dumps([str(s) for s in sources])}", "data.auto_discover=false",
+            "data.debian=false", "data.val_fraction=0.1", "tokenizer.vocab_size=512", "data.shard_tokens=200000",
+            "model.depth=2", "model.d_model=64", "model.n_heads=2", "model.seq_len=64", "train.batch_size=8",
+            "train.compile=false", "train.time_limit_min=0", "train.warmup_steps=3", "eval.every_steps=0",
+            "eval.val_batches=2", "eval.sample_tokens=8", "train.checkpoint_every=0"]
+
+
+@pytest.fixture(scope="session")
+def data_home(tmp_path_factory, debian_roots):
+    home = tmp_path_factory.mktemp("train_home")
+    old = os.environ.get("TERNCHAT_HOME")
+    os.environ["TERNCHAT_HOME"] = str(home)
+    try:
+        prepare_data(load_config(overrides=tiny_overrides(debian_roots)), log=lambda _: None)
+    finally:
+        if old is None:
+            os.environ.pop("TERNCHAT_HOME")
+        else:
+            os.environ["TERNCHAT_HOME"] = old
+    return home
+
+
+@pytest.fixture
+def overrides(data_home, debian_roots, monkeypatch):
+    monkeypatch.setenv("TERNCHAT_HOME", str(data_home))
+    return tiny_overrides(debian_roots)
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_forty_steps_clearly_lower_the_loss(tmp_path, overrides):
+    cfg = load_config(overrides=[*overrides, "train.max_steps=40"])
+    result = train(cfg, tmp_path / "run", log=lambda _: None)
+    curve = losses(tmp_path / "run")
+    first, last = sum(curve[s] for s in range(1, 6)) / 5, sum(curve[s] for s in range(36, 41)) / 5
+    assert first > math.log(512) - 0.5  # starts near uniform
+    assert last < first - 1.0, (first, last)
+    assert 0 < result["val_bpb"] < 10 and result["tokens_seen"] == 40 * 8 * 64
+    assert (tmp_path / "run" / "samples" / "step_000040.md").exists()
+
+
+def cli(*args, env):
+    return subprocess.Popen([sys.executable, "-m", "ternchat", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_9_and_resume_gives_the_same_losses(tmp_path, overrides):
+    env = dict(os.environ)
+    sets = [a for o in [*overrides, "train.max_steps=14", "train.checkpoint_every=4"] for a in ("--set", o)]
+    reference = cli("train", "--run-dir", str(tmp_path / "ref"), *sets, env=env)
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+
+    victim = cli("train", "--run-dir", str(tmp_path / "cut"), *sets, env=env)
+    deadline = time.time() + 300
+    while not (tmp_path / "cut" / "checkpoints" / "step_000008" / "checksums.json").exists():
+        assert victim.poll() is None and time.time() < deadline, "the run ended before its step-8 checkpoint"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert latest_checkpoint(tmp_path / "cut").name in ("step_000008", "step_000012")
+
+    resumed = cli("train", "--run-dir", str(tmp_path / "cut"), "--resume", *sets, env=env)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    expected, got = losses(tmp_path / "ref"), losses(tmp_path / "cut")
+    assert sorted(got) == list(range(1, 15))
+    assert got == expected  # bit-identical on CPU
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path, overrides):
+    cfg = load_config(overrides=[*overrides, "train.max_steps=3"])
+    train(cfg, tmp_path / "run", log=lambda _: None)
+    weights = latest_checkpoint(tmp_path / "run") / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train(load_config(overrides=[*overrides, "train.max_steps=5"]), tmp_path / "run", resume=True,
+              log=lambda _: None)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, overrides):
+    train(load_config(overrides=[*overrides, "train.max_steps=2"]), tmp_path / "run", log=lambda _: None)
+    wider = load_config(overrides=[*overrides, "train.max_steps=4", "model.d_model=128"])
+    with pytest.raises(CheckpointError, match="is for model"):
+        train(wider, tmp_path / "run", resume=True, log=lambda _: None)
+
+
+def test_existing_run_needs_resume(tmp_path, overrides):
+    cfg = load_config(overrides=[*overrides, "train.max_steps=2"])
+    train(cfg, tmp_path / "run", log=lambda _: None)
+    with pytest.raises(TrainingError, match="--resume"):
+        train(cfg, tmp_path / "run", log=lambda _: None)
+
+
+def test_non_finite_losses_stop_the_run_and_keep_the_last_checkpoint(tmp_path, overrides):
+    cfg = load_config(overrides=[*overrides, "train.max_steps=4", "train.checkpoint_every=2"])
+    train(cfg, tmp_path / "run", log=lambda _: None)
+    more = load_config(overrides=[*overrides, "train.max_steps=20", "train.max_bad_steps=3"])
+    trainer = Trainer(more, tmp_path / "run", resume=True, log=lambda _: None)
+    trainer.max_steps = 20
+    with torch.no_grad():
+        trainer.model.embed.weight.fill_(float("nan"))
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row"):
+        trainer.run()
+    assert latest_checkpoint(tmp_path / "run").name == "step_000004"
+    bad = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+           if "nonfinite" in line]
+    assert len(bad) == 3
+
+
+def test_schedules():
+    lrs = [schedule(s, 100, 10, 0.2)[0] for s in range(100)]
+    assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[50] == 1.0
+    assert lrs[85] == pytest.approx(15 / 20) and lrs[99] == pytest.approx(1 / 20)
+    assert schedule(40, 100, 10, 0.2, "bitnet_two_stage") == (1.0, 1.0)
+    assert schedule(60, 100, 10, 0.2, "bitnet_two_stage") == (0.5, 0.0)
