@@ -142,6 +142,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ternchat.bench.train_bench import bench_train, format_table
+
+    cfg = _config(args)
+    result = bench_train(cfg, args.config, args.overrides, args.rounds, args.steps, args.warmup)
+    table = format_table(result)
+    print(table)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--run-dir", metavar="DIR", help="run folder (default: runs/<train.run_name>)")
@@ -210,6 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of embedding and head (fp32 keeps the logits of the checkpoint exactly)")
     p.add_argument("--out", type=Path, help="output file (default: RUN/model_packed.safetensors)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="benchmarks against baselines measured in the same run",
+                       description="bench train: tokens/s and peak memory of a dense fp32 AdamW baseline (a), "
+                                   "dense bf16 compiled (b) and ternchat's ternary Muon model (c), eager and "
+                                   "compiled, at the config's shape, with ratios.")
+    p.add_argument("what", choices=["train"])
+    _add_config_args(p)
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each variant runs --steps steps per round")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (compilation)")
+    p.add_argument("--out", type=Path, help="also write the measurements as JSON")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("config", help="print the resolved config, or all keys with --keys",
                        description="Load and validate a config (with --set overrides) and print it as TOML.")

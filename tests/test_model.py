@@ -58,6 +58,13 @@ def test_trit_packing_round_trip(n):
     assert torch.equal(unpack_trits(packed, n), codes)
 
 
+def test_batched_newton_schulz_orthogonalizes_each_matrix():
+    g = torch.randn(3, 24, 40)
+    stacked = newton_schulz(g).float()
+    for i in range(3):
+        assert torch.allclose(stacked[i], newton_schulz(g[i]).float(), atol=2e-2)
+
+
 def test_newton_schulz_is_close_to_the_polar_factor():
     torch.manual_seed(0)
     for shape in ((64, 128), (128, 64)):
@@ -81,7 +88,7 @@ def test_muon_update_rule():
     opt.step()
     buf = 0.1 * p.grad  # momentum starts at 0: lerp(0, g, 0.1)
     nesterov = p.grad.lerp(buf, 0.9)
-    update = newton_schulz(nesterov).float() * (32 / 16) ** 0.5
+    update = newton_schulz(nesterov[None])[0].float() * (32 / 16) ** 0.5
     assert torch.allclose(p.detach(), before * (1 - 0.1 * 0.5) - 0.1 * update, atol=1e-6)
     with pytest.raises(ValueError, match="2-D"):
         Muon([torch.nn.Parameter(torch.ones(3))])

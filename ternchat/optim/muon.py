@@ -6,10 +6,13 @@ replaced by an approximation of its polar factor U V^T (from u = U S V^T) with f
 the quintic Newton-Schulz map X <- aX + (bA + cA^2)X, A = XX^T, (a, b, c) = (3.4445, -4.7750,
 2.0315), which pushes all singular values towards [0.7, 1.2] without an SVD. The update is
 scaled by sqrt(max(1, rows/cols)) so tall and wide matrices move alike, and weight decay is
-decoupled: W <- W(1 - lr wd) - lr update.
+decoupled: W <- W(1 - lr wd) - lr update. Matrices of one shape are orthogonalized together in
+one batched iteration.
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
 
 import torch
 
@@ -17,17 +20,18 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximate polar factor of a 2-D matrix, computed in bfloat16 as in the reference code."""
+    """Approximate polar factor of a matrix, or of each matrix in a (batch, m, n) stack, in bfloat16
+    as in the reference code."""
     a, b, c = NS_COEFFS
     x = g.bfloat16()
-    transposed = x.shape[0] > x.shape[1]
+    transposed = x.shape[-2] > x.shape[-1]
     if transposed:
-        x = x.T
-    x = x / (x.norm() + eps)
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
     for _ in range(steps):
-        s = x @ x.T
+        s = x @ x.mT
         x = a * x + (b * s + c * s @ s) @ x
-    return x.T if transposed else x
+    return x.mT if transposed else x
 
 
 class Muon(torch.optim.Optimizer):
@@ -43,18 +47,22 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            beta = group["momentum"]
+            beta, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+            by_shape: dict[tuple[int, int], list[torch.Tensor]] = defaultdict(list)
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(g, 1 - beta)
-                update = g.lerp(buf, beta) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_steps"]).to(p.dtype)
-                update *= max(1.0, p.shape[0] / p.shape[1]) ** 0.5
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"])
+                if p.grad is not None:
+                    by_shape[tuple(p.shape)].append(p)
+            for (rows, cols), params in by_shape.items():
+                grads = [p.grad for p in params]
+                bufs = []
+                for p in params:
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                    bufs.append(self.state[p]["momentum_buffer"])
+                torch._foreach_lerp_(bufs, grads, 1 - beta)
+                updates = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else bufs
+                orthogonal = newton_schulz(torch.stack(updates), group["ns_steps"])
+                scale = max(1.0, rows / cols) ** 0.5
+                if wd:
+                    torch._foreach_mul_(params, 1 - lr * wd)
+                torch._foreach_add_(params, list(orthogonal.to(params[0].dtype).unbind(0)), alpha=-lr * scale)

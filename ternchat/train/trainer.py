@@ -65,8 +65,15 @@ def autocast_for(dtype: str, device: torch.device) -> contextlib.AbstractContext
 
 
 def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: peak allocated bytes. CPU: this process's peak resident set size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:  # VmHWM belongs to this process image; ru_maxrss would include a forking parent's peak
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks that compare ternchat against a baseline measured in the same run."""
