@@ -138,3 +138,23 @@ def test_schedules():
     assert lrs[85] == pytest.approx(15 / 20) and lrs[99] == pytest.approx(1 / 20)
     assert schedule(40, 100, 10, 0.2, "bitnet_two_stage") == (1.0, 1.0)
     assert schedule(60, 100, 10, 0.2, "bitnet_two_stage") == (0.5, 0.0)
+
+
+def test_cli_export_and_sample(tmp_path, overrides):
+    train(load_config(overrides=[*overrides, "train.max_steps=3"]), tmp_path / "run", log=lambda _: None)
+    env = dict(os.environ)
+
+    def run(*args):
+        result = subprocess.run([sys.executable, "-m", "ternchat", *args], env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    exported = run("export", "--run", str(tmp_path / "run"), "--format", "packed")
+    assert "MiB in fp32" in exported.stdout and (tmp_path / "run" / "model_packed.safetensors").exists()
+    prompt = ["--prompt", "fn main() {", "--max-tokens", "12", "--seed", "3"]
+    first = run("sample", "--run", str(tmp_path / "run"), *prompt)
+    again = run("sample", "--run", str(tmp_path / "run"), *prompt)
+    assert first.stdout == again.stdout and first.stdout.startswith("fn main() {")
+    assert "tokens/s" in first.stderr
+    packed = run("sample", "--run", str(tmp_path / "run" / "model_packed.safetensors"), *prompt)
+    assert packed.stdout.startswith("fn main() {")

@@ -114,6 +114,11 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = GPT(self.shape).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        counts = self.model.parameter_counts()
+        kind = "ternary" if self.model.is_ternary() else "dense"
+        log(f"model: {self.shape.depth} blocks x {self.shape.d_model}, {counts['total']:,} parameters: embedding "
+            f"{counts['embedding']:,}, head {counts['head']:,}, {kind} block matrices {counts['block_matrices']:,}, "
+            f"norm gains {counts['norm_gains']:,}")
         t = cfg.train
         self.train_loader = TokenLoader(shard_paths(data.shard_dir, "train"), t.batch_size, cfg.model.seq_len,
                                         seed=t.seed, tokenizer_hash=self.tok.hash, device=self.device)
