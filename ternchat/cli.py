@@ -138,7 +138,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     mib = 2 ** 20
     print(f"wrote {out}: {sizes['packed_bytes'] / mib:.2f} MiB; the same model is {sizes['fp32_bytes'] / mib:.2f} MiB "
           f"in fp32 ({sizes['fp32_bytes'] / sizes['packed_bytes']:.1f}x) and {sizes['bf16_bytes'] / mib:.2f} MiB in "
-          f"bf16 ({sizes['bf16_bytes'] / sizes['packed_bytes']:.1f}x)")
+          f"bf16 ({sizes['bf16_bytes'] / sizes['packed_bytes']:.1f}x). Ternary matrices "
+          f"{sizes['ternary_bytes'] / mib:.2f} MiB, embedding, head and gains {sizes['other_bytes'] / mib:.2f} MiB.")
     return 0
 
 

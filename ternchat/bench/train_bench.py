@@ -5,6 +5,8 @@ Variants, all at the same model shape, batch and real token batches:
   b  the same dense model, bf16 autocast and torch.compile, AdamW
   c  ternchat's ternary model with Muon (+ AdamW for embedding, head, gains), bf16 autocast,
      eager (c_eager) and compiled (c_compiled)
+  b_muon  (b) with ternchat's Muon: separates the optimizer's cost (b -> b_muon) from the
+     ternary quantization's (b_muon -> c_compiled)
 Throughput is measured in one process, the variants taking turns round by round, so they share
 the machine's state; the reported tok/s is each variant's total tokens over its total time.
 Peak memory is measured per variant: CUDA peak allocation in the same process, or on CPU the
@@ -35,6 +37,7 @@ from ternchat.train.trainer import autocast_for, peak_memory_bytes, pick_device
 VARIANTS = {
     "a": "dense fp32, AdamW, eager",
     "b": "dense bf16 autocast, AdamW, compiled",
+    "b_muon": "dense bf16 autocast, Muon, compiled",
     "c_eager": "ternary, Muon, bf16 autocast, eager",
     "c_compiled": "ternary, Muon, bf16 autocast, compiled",
 }
@@ -53,14 +56,15 @@ class Variant:
 
 def build_variant(name: str, cfg: Config, vocab_size: int, device: torch.device) -> Variant:
     quant = "ternary" if name.startswith("c") else "none"
+    muon = name.startswith("c") or name == "b_muon"
     shape = GPTShape.from_config(cfg.model, vocab_size)
     torch.manual_seed(0)
     model = GPT(GPTShape(**{**shape.__dict__, "quant": quant})).to(device)
-    if name.startswith("c"):
+    if muon:
         optimizer = build_optimizer(model, cfg.optim)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr_embed, betas=(cfg.optim.beta1, cfg.optim.beta2))
-    forward = torch.compile(model) if name in ("b", "c_compiled") else model
+    forward = torch.compile(model) if name in ("b", "b_muon", "c_compiled") else model
     autocast = contextlib.nullcontext() if name == "a" else autocast_for("bf16", device)
     return Variant(name, model, forward, optimizer, autocast)
 

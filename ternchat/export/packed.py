@@ -57,8 +57,11 @@ def export_packed(model: GPT, path: Path, tokenizer_hash: str, float_dtype: torc
         tensors[name] = p.detach().to(float_dtype if p.ndim == 2 else torch.float32).contiguous()
     metadata = {"format": FORMAT, "shape": json.dumps(asdict(model.shape)), "tokenizer_hash": tokenizer_hash}
     save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
-    n_params = sum(model.parameter_counts()[k] for k in ("embedding", "head", "block_matrices", "norm_gains"))
-    return {"packed_bytes": Path(path).stat().st_size, "fp32_bytes": 4 * n_params, "bf16_bytes": 2 * n_params}
+    n_params = model.parameter_counts()["total"]
+    ternary = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.endswith((".codes", ".beta")))
+    return {"packed_bytes": Path(path).stat().st_size, "ternary_bytes": ternary,
+            "other_bytes": sum(t.numel() * t.element_size() for t in tensors.values()) - ternary,
+            "fp32_bytes": 4 * n_params, "bf16_bytes": 2 * n_params}
 
 
 def load_packed(path: Path) -> tuple[GPT, str]:
