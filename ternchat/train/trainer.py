@@ -212,7 +212,7 @@ class Trainer:
             if timing and self.step == 1 + TIMING_STEPS:
                 self._fix_length_from_speed(start, timing_start)
                 bar.reset(total=self.max_steps)
-                bar.update(self.step)
+                bar.update(self.step - 1)  # this step is counted below with the others
                 timing = False
             tok_s = tokens_per_step / max(time.perf_counter() - step_start, 1e-9)
             if not math.isfinite(loss):
