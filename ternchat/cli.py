@@ -16,6 +16,7 @@ from ternchat import __version__
 from ternchat.config import SECTIONS, Config, ConfigError, describe, load_config
 from ternchat.data.errors import DataError
 from ternchat.train.errors import RunError
+from ternchat.verify.sandbox import RustcMissing
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -62,6 +63,16 @@ def cmd_data(args: argparse.Namespace) -> int:
     from ternchat.data.pipeline import prepare_data
 
     cfg = _config(args, _data_overrides(args))
+    if args.step == "verify":
+        from ternchat.paths import ternchat_home
+        from ternchat.verify.checked_data import verify_corpus
+
+        art = prepare_data(cfg, until="corpus", force=args.force)
+        counts = verify_corpus(art.corpus_dir, ternchat_home() / "verify", args.limit)
+        print(f"compile tags of {counts['files']} files ({counts['checked_now']} checked now): "
+              + ", ".join(f"{tag} {counts[tag]}" for tag in ("compiles", "parses", "syntax_error", "unchecked"))
+              + f" -> {art.corpus_dir / 'compile_tags.jsonl'}")
+        return 0
     art = prepare_data(cfg, until=args.step, force=args.force, eval_tokenizer=args.eval)
     print(f"data ready: corpus {art.corpus_dir}"
           + (f", tokenizer {art.tokenizer_dir}" if art.tokenizer_dir else "")
@@ -155,6 +166,52 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_completions(path: Path) -> dict[str, list[str]]:
+    """JSONL of {"name", "completion"} rows (one per sample) or {"name", "completions": [...]} rows."""
+    completions: dict[str, list[str]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            texts = row["completions"] if "completions" in row else [row["completion"]]
+            completions.setdefault(row["name"], []).extend(texts)
+    return completions
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ternchat.verify.humaneval import load_problems, score
+    from ternchat.verify.metrics import summarize, write_reports
+    from ternchat.verify.sandbox import isolation
+
+    problems = load_problems(args.problems)
+    ks = [int(k) for k in args.k.split(",")]
+    if args.completions:
+        completions = _read_completions(args.completions)
+        out = args.out or Path("eval") / args.completions.stem
+    else:
+        from ternchat.eval.engine import complete
+        from ternchat.runs import load_model_and_tokenizer
+
+        model, tok = load_model_and_tokenizer(args.run)
+        temperature = 0.0 if args.samples == 1 and args.temperature is None else (args.temperature or 0.2)
+        completions = {}
+        for p in tqdm(problems, desc="generate", unit="problem"):
+            completions[p.name] = [complete(model, tok, p.prompt, args.max_tokens, p.stop_tokens,
+                                            temperature=temperature, seed=args.seed + i) for i in range(args.samples)]
+        out = args.out or Path(args.run if args.run.is_dir() else args.run.parent) / "eval_humaneval_rust"
+    print(f"sandbox: {isolation().describe()}")
+    bar = tqdm(total=sum(len(v) for v in completions.values()), desc="compile+run", unit="sample")
+    results = score(problems, completions, workers=args.workers, progress=bar.update)
+    bar.close()
+    summary = summarize(results, ks)
+    write_reports(results, summary, out, f"HumanEval-Rust ({args.problems})")
+    print(", ".join(f"{k} {v:.3f}" for k, v in summary["pass@k"].items())
+          + f", compile rate {summary['compile_rate']:.3f}, semantic correctness "
+            f"{summary['semantic_correctness']:.3f}; outcomes {summary['outcomes']} -> {out}")
+    return 0
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--run-dir", metavar="DIR", help="run folder (default: runs/<train.run_name>)")
@@ -171,8 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the data pipeline up to STEP (default: all of it). Steps whose "
                                    "inputs did not change are skipped. Data lives under $TERNCHAT_HOME "
                                    "(default ~/.cache/ternchat).")
-    p.add_argument("step", nargs="?", default="shards", choices=["corpus", "tokenizer", "shards"],
-                   help="last step to run: corpus, tokenizer or shards (default: shards, i.e. everything)")
+    p.add_argument("step", nargs="?", default="shards", choices=["corpus", "tokenizer", "shards", "verify"],
+                   help="last step to run: corpus, tokenizer or shards (default: shards, i.e. everything); "
+                        "verify tags the corpus files by what rustc says (compiles / parses / syntax_error)")
     _add_config_args(p)
     p.add_argument("--source", action="append", metavar="DIR", default=[],
                    help="a directory of Rust sources to add (repeatable)")
@@ -187,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, metavar="N", help="tokenizer vocabulary size")
     p.add_argument("--eval", action="store_true", help="report tokenizer bytes/token on val and encode MB/s")
     p.add_argument("--force", action="store_true", help="rebuild the steps even if their inputs are unchanged")
+    p.add_argument("--limit", type=int, default=0, metavar="N", help="verify: only the first N files of each split")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("train", help="train a model (builds the data first if needed)",
@@ -236,6 +295,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="also write the measurements as JSON")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("eval", help="compiler-verified evaluation (HumanEval-Rust pass@k)",
+                       description="humaneval-rust: generate completions with a trained model (--run) or read "
+                                   "them (--completions), compile and run each in the rustc sandbox, and report "
+                                   "pass@k, compile rate, semantic correctness and rustc error codes.")
+    p.add_argument("what", choices=["humaneval-rust"])
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, metavar="PATH", help="run folder or packed model to sample from")
+    source.add_argument("--completions", type=Path, metavar="FILE",
+                        help='JSONL of {"name", "completion"} or {"name", "completions": [...]}')
+    p.add_argument("--problems", default="rust_basics",
+                   help="rust_basics (shipped), hf (nuprl/MultiPL-E humaneval-rs), or a JSON/JSONL file")
+    p.add_argument("--samples", type=int, default=1, help="completions per problem")
+    p.add_argument("--k", default="1", help="comma-separated k of pass@k, e.g. 1,10")
+    p.add_argument("--temperature", type=float, default=None, help="default: greedy for 1 sample, else 0.2")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0, help="parallel sandboxes (default: all cores)")
+    p.add_argument("--out", type=Path, help="report folder")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("config", help="print the resolved config, or all keys with --keys",
                        description="Load and validate a config (with --set overrides) and print it as TOML.")
     _add_config_args(p)
@@ -251,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ternchat: config error: {e}", file=sys.stderr)
         return 2
-    except (DataError, RunError) as e:
+    except (DataError, RunError, RustcMissing) as e:
         print(f"ternchat: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

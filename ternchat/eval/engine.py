@@ -54,3 +54,17 @@ def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temperat
         if cache.pos >= cache.max_len:
             return
         logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1]
+
+
+def complete(model: GPT, tokenizer, prompt: str, max_new_tokens: int, stop: Sequence[str] = (), *,
+             temperature: float = 0.2, top_k: int = 50, top_p: float = 0.95, seed: int | None = None) -> str:
+    """The text generated after `prompt`, ending before the first stop string or the end-of-document token."""
+    ids: list[int] = []
+    text = ""
+    for token in generate(model, tokenizer.encode(prompt), max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, seed=seed, stop_ids=[tokenizer.eod_id]):
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if any(s in text for s in stop):
+            break
+    return text

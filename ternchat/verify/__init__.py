@@ -1,0 +1,1 @@
+"""Compiler-verified evaluation: the rustc sandbox, HumanEval-Rust, pass@k, checked data."""

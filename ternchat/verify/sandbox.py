@@ -1,0 +1,352 @@
+"""Compile and run untrusted Rust with the real `rustc`, contained.
+
+Each program gets a fresh temporary folder and is compiled with `rustc --error-format=json`
+(diagnostics parsed into error codes), then run with stdin closed, a scrubbed environment, wall-
+clock limits for both phases, resource limits (`prlimit`: CPU seconds, address space, file size,
+processes, open files, no core dumps), bounded captured output, and its whole process group
+killed at the end. Where bubblewrap (`bwrap`) is available, both phases run in new mount, PID,
+network, IPC and UTS namespaces that see only the toolchain (read-only) and the temporary folder:
+no network, no host files (so neither `include_str!("/etc/shadow")` at compile time nor reading
+`~/.ssh` at run time finds anything), and every process dies with the sandbox. When ternchat runs
+as root, the program itself runs under an unprivileged uid (one per pool slot) so the process
+limit bites. `isolation()` reports which mechanisms are active. Every outcome gets one class.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import selectors
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+OUTCOMES = ("ok", "compile_error", "runtime_error", "timeout", "memory_limit", "output_limit", "sandbox_error")
+SANDBOX_DIR = "/sandbox"
+BASE_UID = 61000  # unprivileged uids used for sandboxed programs when ternchat runs as root
+_ALLOC_FAILED = re.compile(r"memory allocation of \d+ bytes failed|out of memory|capacity overflow")
+
+
+class RustcMissing(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Limits:
+    compile_seconds: float = 30.0
+    run_seconds: float = 10.0
+    cpu_seconds: int = 10
+    compile_memory_bytes: int = 4 << 30
+    run_memory_bytes: int = 1 << 30
+    file_bytes: int = 16 << 20
+    processes: int = 32
+    output_bytes: int = 1 << 20
+
+
+@dataclass
+class Outcome:
+    outcome: str  # one of OUTCOMES
+    phase: str  # "compile" or "run"
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    error_codes: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+    compile_seconds: float = 0.0
+    run_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Isolation:
+    rustc: str
+    sysroot: str
+    namespaces: bool  # bubblewrap: private filesystem view, no network, own PID space
+    drop_uid: bool  # the program runs under an unprivileged uid
+    prlimit: bool
+    network: str
+    filesystem: str
+
+    def describe(self) -> str:
+        return (f"rustc {self.rustc}; filesystem: {self.filesystem}; network: {self.network}; "
+                f"uid: {'unprivileged per slot' if self.drop_uid else 'the invoking user'}; rlimits: "
+                f"{'CPU, address space, file size, processes, open files, core' if self.prlimit else 'none'}; "
+                "scrubbed env, stdin closed, wall-clock limits, process-group kill")
+
+
+def _rustc_path() -> Path:
+    rustc = shutil.which("rustc")
+    if rustc is None:
+        raise RustcMissing("rustc is not on PATH. Install it: `apt-get install rustc` (Debian/Ubuntu) or "
+                           "rustup (https://rustup.rs), then retry.")
+    sysroot = subprocess.run([rustc, "--print", "sysroot"], capture_output=True, text=True, timeout=60)
+    if sysroot.returncode != 0:
+        raise RustcMissing(f"`rustc --print sysroot` failed: {sysroot.stderr.strip()}")
+    real = Path(sysroot.stdout.strip()) / "bin" / "rustc"  # past rustup's proxy, which needs $HOME
+    return real if real.exists() else Path(rustc)
+
+
+def _works(cmd: list[str]) -> bool:
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@lru_cache(maxsize=1)
+def isolation() -> Isolation:
+    """Find rustc and probe which isolation mechanisms work on this machine (cached)."""
+    rustc = _rustc_path()
+    sysroot = rustc.parent.parent
+    namespaces = shutil.which("bwrap") is not None and _works(_bwrap_prefix(sysroot, Path("/tmp"), True) + ["true"])
+    return Isolation(str(rustc), str(sysroot), namespaces, os.geteuid() == 0 and shutil.which("setpriv") is not None,
+                     shutil.which("prlimit") is not None,
+                     "none (own network namespace)" if namespaces else "host network (no bwrap)",
+                     "toolchain read-only + temporary folder" if namespaces else "host (no bwrap)")
+
+
+def _bwrap_prefix(sysroot: Path, workdir: Path, as_root: bool, env: dict[str, str] | None = None) -> list[str]:
+    cmd = ["bwrap", "--die-with-parent", "--new-session", "--unshare-net", "--unshare-pid", "--unshare-ipc",
+           "--unshare-uts"]
+    if not as_root:
+        cmd += ["--unshare-user"]
+    cmd += ["--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64"):
+        if os.path.islink(top):
+            cmd += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            cmd += ["--ro-bind", top, top]
+    for extra in ("/etc/alternatives", "/etc/ld.so.cache"):  # the C linker `cc` is an alternatives link
+        if os.path.exists(extra):
+            cmd += ["--ro-bind", extra, extra]
+    if not str(sysroot).startswith("/usr/"):
+        cmd += ["--ro-bind", str(sysroot), str(sysroot)]
+    cmd += ["--bind", str(workdir), SANDBOX_DIR, "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+            "--chdir", SANDBOX_DIR, "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", SANDBOX_DIR]
+    for key, value in (env or {}).items():
+        cmd += ["--setenv", key, value]
+    return cmd + ["--"]
+
+
+def _prlimit(iso: Isolation, memory: int, cpu: int, limits: Limits, processes: int | None) -> list[str]:
+    if not iso.prlimit:
+        return []
+    cmd = ["prlimit", f"--as={memory}", f"--cpu={cpu}", f"--fsize={limits.file_bytes}", "--nofile=256", "--core=0"]
+    if processes is not None:
+        cmd.append(f"--nproc={processes}")
+    return cmd + ["--"]
+
+
+def _communicate(proc: subprocess.Popen, timeout: float, max_output: int) -> tuple[bytes, bytes, str]:
+    """Read stdout/stderr until exit; returns (stdout, stderr, '' | 'timeout' | 'output_limit')."""
+    chunks: dict[int, list[bytes]] = {proc.stdout.fileno(): [], proc.stderr.fileno(): []}
+    total = 0
+    verdict = ""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                verdict = "timeout"
+                break
+            for key, _ in sel.select(timeout=min(left, 0.5)):
+                data = os.read(key.fd, 65536)
+                if not data:
+                    sel.unregister(key.fileobj)
+                    continue
+                total += len(data)
+                chunks[key.fd].append(data)
+                if total > max_output:
+                    verdict = "output_limit"
+                    break
+            if verdict:
+                break
+    if verdict:
+        _kill(proc)
+    try:
+        proc.wait(timeout=max(0.1, deadline - time.monotonic()) if not verdict else 5)
+    except subprocess.TimeoutExpired:
+        verdict = verdict or "timeout"
+        _kill(proc)
+        proc.wait()
+    return b"".join(chunks[proc.stdout.fileno()]), b"".join(chunks[proc.stderr.fileno()]), verdict
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _spawn(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(cwd), "LANG": "C.UTF-8", **(env or {})},
+                            start_new_session=True, close_fds=True)
+
+
+def parse_diagnostics(stderr: str) -> tuple[list[str], list[str]]:
+    """Error codes (E0308, ...) and messages of rustc's JSON diagnostics, errors only."""
+    codes, messages = [], []
+    for line in stderr.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            diag = json.loads(line)
+        except ValueError:
+            continue
+        if diag.get("level") != "error":
+            continue
+        message = diag.get("message", "")
+        if message.startswith("aborting due to"):
+            continue
+        messages.append(message)
+        if diag.get("code"):
+            codes.append(diag["code"]["code"])
+    return codes, messages
+
+
+def _decode(data: bytes, limit: int = 20_000) -> str:
+    return data[:limit].decode("utf-8", errors="replace")
+
+
+def _classify_run(returncode: int, stderr: str, verdict: str) -> str:
+    if verdict:
+        return verdict
+    if returncode == 0:
+        return "ok"
+    if returncode in (-signal.SIGXCPU, -signal.SIGKILL, 128 + signal.SIGXCPU, 128 + signal.SIGKILL):
+        return "timeout"  # the CPU-seconds limit ended it
+    if returncode in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ):
+        return "output_limit"  # the file-size limit ended it
+    if _ALLOC_FAILED.search(stderr):
+        return "memory_limit"
+    return "runtime_error"
+
+
+
+
+def run_rust(source: str, *, limits: Limits = Limits(), edition: str = "2021", slot: int = 0) -> Outcome:
+    """Compile `source` as a binary and run it in the sandbox; never raises for the program's sake."""
+    iso = isolation()
+    workdir = Path(tempfile.mkdtemp(prefix="ternchat-rust-"))
+    uid = BASE_UID + slot
+    try:
+        (workdir / "main.rs").write_text(source, encoding="utf-8")
+        wrap = _bwrap_prefix(Path(iso.sysroot), workdir, os.geteuid() == 0) if iso.namespaces else []
+        rustc = iso.rustc
+        compile_cmd = (_prlimit(iso, limits.compile_memory_bytes, int(limits.compile_seconds) + 5, limits, None)
+                       + wrap + [rustc, "--edition", edition, "--error-format=json", "-C", "opt-level=0",
+                                 "-C", "debuginfo=0", "-o", "prog", "main.rs"])
+        start = time.perf_counter()
+        proc = _spawn(compile_cmd, workdir)
+        out, err, verdict = _communicate(proc, limits.compile_seconds, limits.output_bytes * 8)
+        compile_s = time.perf_counter() - start
+        err_text = err.decode("utf-8", errors="replace")
+        if verdict:
+            return Outcome("timeout" if verdict == "timeout" else "sandbox_error", "compile", proc.returncode,
+                           compile_seconds=compile_s)
+        if proc.returncode != 0:
+            codes, messages = parse_diagnostics(err_text)
+            if not messages:  # rustc itself failed (killed, missing linker, ...): not the program's fault
+                return Outcome("sandbox_error", "compile", proc.returncode, stderr=_decode(err),
+                               compile_seconds=compile_s)
+            return Outcome("compile_error", "compile", proc.returncode, error_codes=codes, messages=messages,
+                           compile_seconds=compile_s)
+        if iso.drop_uid:
+            os.chown(workdir, uid, uid)
+            os.chown(workdir / "prog", uid, uid)
+        run_prefix = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"] if iso.drop_uid else []
+        run_cmd = (_prlimit(iso, limits.run_memory_bytes, limits.cpu_seconds, limits,
+                            limits.processes if iso.drop_uid else None)
+                   + wrap + run_prefix + [f"{SANDBOX_DIR}/prog" if iso.namespaces else str(workdir / "prog")])
+        start = time.perf_counter()
+        proc = _spawn(run_cmd, workdir)
+        out, err, verdict = _communicate(proc, limits.run_seconds, limits.output_bytes)
+        run_s = time.perf_counter() - start
+        err_text = _decode(err)
+        return Outcome(_classify_run(proc.returncode, err_text, verdict), "run", proc.returncode, _decode(out),
+                       err_text, compile_seconds=compile_s, run_seconds=run_s)
+    except OSError as e:
+        return Outcome("sandbox_error", "compile", messages=[f"{type(e).__name__}: {e}"])
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_many(sources: Sequence[str], *, workers: int = 0, limits: Limits = Limits(), edition: str = "2021",
+             progress: Callable[[int], None] | None = None) -> list[Outcome]:
+    """Run many programs in a pool over the cores; results in input order."""
+    workers = workers or os.cpu_count() or 1
+    free_slots = list(range(workers))
+    lock = threading.Lock()
+
+    def task(source: str) -> Outcome:
+        with lock:
+            slot = free_slots.pop()
+        try:
+            return run_rust(source, limits=limits, edition=edition, slot=slot)
+        finally:
+            with lock:
+                free_slots.append(slot)
+            if progress is not None:
+                progress(1)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(task, sources))
+
+
+def rustc_check(source: str, args: Sequence[str], *, env: dict[str, str] | None = None,
+                limits: Limits = Limits()) -> Outcome:
+    """Run rustc with `args` on `source` (as `lib.rs`) in the sandbox without running anything."""
+    iso = isolation()
+    workdir = Path(tempfile.mkdtemp(prefix="ternchat-check-"))
+    try:
+        (workdir / "lib.rs").write_text(source, encoding="utf-8")
+        wrap = _bwrap_prefix(Path(iso.sysroot), workdir, os.geteuid() == 0, env) if iso.namespaces else []
+        cmd = (_prlimit(iso, limits.compile_memory_bytes, int(limits.compile_seconds) + 5, limits, None) + wrap
+               + [iso.rustc, *args, "--error-format=json", "lib.rs"])
+        start = time.perf_counter()
+        proc = _spawn(cmd, workdir, env)
+        _, err, verdict = _communicate(proc, limits.compile_seconds, limits.output_bytes * 8)
+        codes, messages = parse_diagnostics(err.decode("utf-8", errors="replace"))
+        if verdict:
+            outcome = "timeout"
+        else:
+            outcome = "ok" if proc.returncode == 0 else ("compile_error" if messages else "sandbox_error")
+        return Outcome(outcome, "compile", proc.returncode, error_codes=codes, messages=messages,
+                       compile_seconds=time.perf_counter() - start)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def check_metadata(source: str, edition: str = "2021", limits: Limits = Limits()) -> Outcome:
+    """Does `source` type-check as a standalone library crate (`--emit=metadata`)?"""
+    return rustc_check(source, ["--edition", edition, "--crate-type", "lib", "--emit=metadata", "--cap-lints=allow",
+                                "-o", "out.rmeta"], limits=limits)
+
+
+@lru_cache(maxsize=1)
+def _parse_only_flag() -> str:
+    for flag in ("-Zparse-crate-root-only", "-Zparse-only"):  # renamed in 2024
+        if rustc_check("", [flag], env={"RUSTC_BOOTSTRAP": "1"}).outcome == "ok":
+            return flag
+    raise RustcMissing("this rustc has no parse-only mode (-Zparse-crate-root-only / -Zparse-only)")
+
+
+def check_parse(source: str, edition: str = "2021", limits: Limits = Limits()) -> Outcome:
+    """Does `source` parse as Rust (it may still need its crate to resolve and type-check)?"""
+    return rustc_check(source, ["--edition", edition, _parse_only_flag()], env={"RUSTC_BOOTSTRAP": "1"},
+                       limits=limits)

@@ -1,0 +1,213 @@
+"""The rustc sandbox and HumanEval-Rust harness, on real rustc: known answers and adversarial programs."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from ternchat.verify.humaneval import Problem, build_program, load_problems, score, stop_at_stop_tokens
+from ternchat.verify.metrics import pass_at_k, summarize, write_reports
+from ternchat.verify.sandbox import Limits, Outcome, check_metadata, check_parse, isolation, run_many, run_rust
+
+if shutil.which("rustc") is None and os.environ.get("TERNCHAT_REQUIRE_RUSTC") != "1":
+    pytest.skip("rustc is not installed", allow_module_level=True)
+
+FAST = Limits(run_seconds=4, cpu_seconds=3, compile_seconds=30)
+SHARED_HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval-rs.jsonl"
+
+
+def leftovers() -> set[str]:
+    return {p for p in os.listdir(tempfile.gettempdir()) if p.startswith("ternchat-")}
+
+
+@pytest.fixture
+def clean_machine():
+    before = leftovers()
+    yield
+    assert leftovers() <= before, "the sandbox left temporary folders behind"
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "ternchat-orphan-marker" not in ps, "a sandboxed process outlived its run"
+
+
+# --- known answers ------------------------------------------------------------------------------
+def test_shipped_reference_solutions_pass():
+    problems = load_problems()
+    assert len(problems) >= 10 and all(p.reference for p in problems)
+    results = score(problems, {p.name: [p.reference] for p in problems})
+    failed = {name: o[0].outcome for name, o in results.items() if o[0].outcome != "ok"}
+    assert not failed
+
+
+def test_wrong_answers_fail_at_run_time():
+    problems = {p.name: p for p in load_problems()}
+    wrong = {"tc_3_fibonacci": "    n", "tc_6_gcd": "    a * b", "tc_0_sum_of_squares": "    xs.iter().sum()"}
+    results = score(list(problems.values()), {name: [c] for name, c in wrong.items()})
+    assert {o[0].outcome for o in results.values()} == {"runtime_error"}
+
+
+def test_todo_body_compiles_and_panics():
+    p = load_problems()[0]
+    outcome = score([p], {p.name: ["    todo!()"]})[p.name][0]
+    assert outcome.phase == "run" and outcome.outcome == "runtime_error" and "not yet implemented" in outcome.stderr
+
+
+def test_syntax_and_type_errors_are_compile_errors_with_codes():
+    syntax = run_rust("fn main() { let x = ; }", limits=FAST)
+    assert syntax.outcome == "compile_error" and syntax.messages
+    typed = run_rust('fn main() { let x: u32 = "text"; }', limits=FAST)
+    assert typed.outcome == "compile_error" and typed.error_codes == ["E0308"]
+
+
+# --- adversarial programs -----------------------------------------------------------------------
+ADVERSARIAL = {
+    "infinite_loop": ("fn main() { let mut x: u64 = 0; loop { x = x.wrapping_add(1); std::hint::black_box(x); } }",
+                      {"timeout"}),
+    "sleep_forever": ("fn main() { std::thread::sleep(std::time::Duration::from_secs(600)); }", {"timeout"}),
+    "fork_bomb": ("""fn main() {
+        let mut kids = Vec::new();
+        loop { match std::process::Command::new("/proc/self/exe").spawn() {
+            Ok(c) => kids.push(c), Err(_) => std::process::exit(3) } } }""", {"runtime_error", "timeout"}),
+    "allocate_10gb": ("fn main() { let v = vec![1u8; 10_000_000_000]; println!(\"{}\", v[v.len() - 1]); }",
+                      {"memory_limit"}),
+    "write_1gb_file": ("""use std::io::Write;
+        fn main() { let mut f = std::fs::File::create("big.bin").unwrap(); let chunk = vec![7u8; 1 << 20];
+        for _ in 0..1024 { f.write_all(&chunk).unwrap(); } }""", {"output_limit"}),
+    "print_100mb": ('fn main() { let line = "y".repeat(999); for _ in 0..100_000 { println!("{}", line); } }',
+                    {"output_limit"}),
+    "read_host_files": ("""fn main() {
+        for p in ["/etc/shadow", "/etc/passwd", "/root/.ssh/id_rsa", "/home"] {
+            if std::fs::read(p).is_ok() || std::fs::read_dir(p).is_ok() { println!("read {}", p); std::process::exit(0); } }
+        std::process::exit(1); }""", {"runtime_error"}),
+    "network": ("""fn main() {
+        let t = std::time::Duration::from_secs(2);
+        let ok = ["1.1.1.1:80", "127.0.0.1:22"].iter().any(|a| std::net::TcpStream::connect_timeout(
+            &a.parse().unwrap(), t).is_ok());
+        std::process::exit(if ok { 0 } else { 1 }); }""", {"runtime_error"}),
+    "orphan_child": ("""fn main() {
+        std::process::Command::new("/bin/sh").arg("-c").arg("exec -a ternchat-orphan-marker sleep 300 &")
+            .spawn().unwrap(); println!("parent done"); }""", {"ok"}),
+    "include_host_file": ('const S: &str = include_str!("/etc/shadow"); fn main() { println!("{}", S.len()); }',
+                          {"compile_error"}),
+    "include_relative_escape": ('const B: &[u8] = include_bytes!("../../../../etc/hostname"); '
+                                'fn main() { println!("{}", B.len()); }', {"compile_error"}),
+    "env_secret_at_compile_time": ('const K: &str = env!("TERNCHAT_TEST_SECRET"); fn main() { println!("{}", K); }',
+                                   {"compile_error"}),
+}
+
+
+@pytest.mark.parametrize("name", list(ADVERSARIAL))
+def test_adversarial_program_is_contained_and_classified(name, clean_machine, monkeypatch):
+    monkeypatch.setenv("TERNCHAT_TEST_SECRET", "hunter2")
+    source, expected = ADVERSARIAL[name]
+    outcome = run_rust(source, limits=FAST)
+    assert outcome.outcome in expected, (outcome.outcome, outcome.stderr[-300:], outcome.messages)
+    assert "hunter2" not in outcome.stdout + outcome.stderr
+    assert outcome.run_seconds < 10 and outcome.compile_seconds < 60
+    if name == "orphan_child":
+        import time
+        time.sleep(0.5)  # the clean_machine check then looks for the sleeping grandchild
+
+
+def test_host_secrets_are_out_of_reach_when_namespaces_are_active():
+    if not isolation().namespaces:
+        pytest.skip("bubblewrap is not available: host files are visible to sandboxed programs")
+    outcome = run_rust('fn main() { print!("{}", std::fs::read_to_string("/etc/hostname").is_ok()); }', limits=FAST)
+    assert outcome.stdout == "false"
+
+
+def test_pool_runs_many_and_keeps_order():
+    sources = [f'fn main() {{ print!("{i}"); }}' for i in range(6)] + ["fn main() { panic!() }"]
+    outcomes = run_many(sources, workers=2, limits=FAST)
+    assert [o.stdout for o in outcomes[:6]] == [str(i) for i in range(6)]
+    assert outcomes[6].outcome == "runtime_error"
+
+
+def test_isolation_report_names_the_mechanisms():
+    text = isolation().describe()
+    assert "rustc" in text and "network" in text and "filesystem" in text
+
+
+# --- harness logic ------------------------------------------------------------------------------
+def test_stop_tokens_and_program_layout():
+    assert stop_at_stop_tokens("    x + 1\n}\nfn extra() {}", ["\n}"]) == "    x + 1"
+    assert stop_at_stop_tokens("abc", ["\n}", "\nfn"]) == "abc"
+    assert stop_at_stop_tokens("a\nfn b\n}", ["\n}", "\nfn"]) == "a"
+    p = Problem("p", "fn f() -> u32 {\n", "}\n\nfn main() { assert_eq!(f(), 1); }\n", ("\n}",))
+    assert build_program(p, "    1\n}\ngarbage") == "fn f() -> u32 {\n    1\n}\n\nfn main() { assert_eq!(f(), 1); }\n"
+
+
+@pytest.mark.parametrize("n, c, k, expected", [(1, 1, 1, 1.0), (1, 0, 1, 0.0), (10, 3, 1, 0.3), (5, 0, 2, 0.0),
+                                               (5, 4, 2, 1.0), (4, 2, 2, 1 - 1 / 6)])
+def test_pass_at_k_is_the_unbiased_estimator(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_summary_and_reports(tmp_path):
+    run = lambda outcome, phase, codes=(): Outcome(outcome, phase, error_codes=list(codes))
+    results = {"a": [run("ok", "run"), run("runtime_error", "run")],
+               "b": [run("compile_error", "compile", ["E0308"]), run("compile_error", "compile", ["E0308", "E0425"])]}
+    summary = summarize(results, [1, 2])
+    assert summary["pass@k"] == {"pass@1": 0.25, "pass@2": 0.5}
+    assert summary["compile_rate"] == 0.5 and summary["semantic_correctness"] == 0.5
+    assert summary["error_codes"] == {"E0308": 2, "E0425": 1}
+    write_reports(results, summary, tmp_path, "test")
+    assert len((tmp_path / "outcomes.jsonl").read_text().splitlines()) == 4
+    assert "| pass@2 | 0.500 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_loader_reads_multipl_e_json_and_jsonl(tmp_path):
+    rows = [{"name": "x", "prompt": "fn x() {\n", "tests": "}\nfn main() {}\n", "stop_tokens": ["\n}"]}]
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    (tmp_path / "p.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert load_problems(tmp_path / "p.json") == load_problems(tmp_path / "p.jsonl")
+    if SHARED_HUMANEVAL.exists():
+        assert len(load_problems(SHARED_HUMANEVAL)) == 134
+
+
+def test_compile_checks_for_data():
+    assert check_metadata("pub fn f() -> u32 { 1 }").outcome == "ok"
+    needs_crate = "mod elsewhere;\nuse crate::elsewhere::Thing;\npub fn f(t: Thing) {}\n"
+    assert check_metadata(needs_crate).outcome == "compile_error"
+    assert check_parse(needs_crate).outcome == "ok"
+    assert check_parse("pub fn f( {").outcome == "compile_error"
+
+
+def test_cli_scores_a_completions_file(tmp_path):
+    problems = load_problems()
+    lines = [json.dumps({"name": p.name, "completions": [p.reference, "    todo!()"]}) for p in problems[:3]]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    result = subprocess.run([sys.executable, "-m", "ternchat", "eval", "humaneval-rust", "--completions",
+                             str(tmp_path / "c.jsonl"), "--k", "1,2", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["pass@k"] == {"pass@1": 0.5, "pass@2": 1.0} and summary["compile_rate"] == 1.0
+
+
+def test_corpus_files_are_tagged_and_cached(tmp_path, fixture_crates):
+    from ternchat.config import load_config
+    from ternchat.data.corpus import build_corpus, discover_files
+    from ternchat.verify.checked_data import verify_corpus
+
+    src = tmp_path / "src"
+    shutil.copytree(fixture_crates, src)
+    (src / "broken" / "src").mkdir(parents=True)
+    (src / "broken" / "Cargo.toml").write_text('[package]\nname = "broken"\nversion = "0.1.0"\n')
+    (src / "broken" / "src" / "lib.rs").write_text("pub fn oops( {\n    let x = 1;\n}\n" * 3)
+    cfg = load_config(overrides=["data.val_fraction=0.2"])
+    roots = [(src, "test")]
+    build_corpus(cfg.data, discover_files(roots), roots, tmp_path / "corpus")
+    counts = verify_corpus(tmp_path / "corpus", tmp_path / "cache")
+    assert counts["syntax_error"] == 1 and counts["compiles"] >= 3 and counts["parses"] >= 2
+    tags = {(r["crate"], r["path"]): r["tag"] for r in map(json.loads, open(tmp_path / "corpus" / "compile_tags.jsonl"))}
+    assert tags[("geometry", "src/lib.rs")] == "parses"  # `pub mod shapes;` needs its crate
+    assert tags[("textkit", "src/lib.rs")] == "compiles"
+    assert tags[("broken", "src/lib.rs")] == "syntax_error"
+    again = verify_corpus(tmp_path / "corpus", tmp_path / "cache")
+    assert again["checked_now"] == 0 and {k: v for k, v in again.items() if k != "checked_now"} == \
+        {k: v for k, v in counts.items() if k != "checked_now"}
