@@ -155,6 +155,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "eval":
+        from ternchat.bench.eval_bench import bench_eval, format_result
+
+        result = bench_eval(args.problems, args.workers, args.baseline_problems)
+        print(format_result(result))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+        return 0
     from ternchat.bench.train_bench import bench_train, format_table
 
     cfg = _config(args)
@@ -286,9 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks against baselines measured in the same run",
                        description="bench train: tokens/s and peak memory of a dense fp32 AdamW baseline (a), "
                                    "dense bf16 compiled (b) and ternchat's ternary Muon model (c), eager and "
-                                   "compiled, at the config's shape, with ratios.")
-    p.add_argument("what", choices=["train"])
+                                   "compiled, at the config's shape, with ratios. bench eval: evaluations/s of "
+                                   "the sandboxed HumanEval-Rust harness against plain one-at-a-time rustc.")
+    p.add_argument("what", choices=["train", "eval"],
+                   help="train: training throughput and memory; eval: sandboxed compile+run evaluations per second")
     _add_config_args(p)
+    p.add_argument("--problems", default="rust_basics", help="eval: problem set (rust_basics, hf or a file)")
+    p.add_argument("--workers", type=int, default=0, help="eval: parallel sandboxes (default: all cores)")
+    p.add_argument("--baseline-problems", type=int, default=0, metavar="N",
+                   help="eval: run the unsandboxed one-at-a-time baseline on the first N programs only (0 = all)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; each variant runs --steps steps per round")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (compilation)")

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ def tiny_overrides(sources):
             "data.debian=false", "data.val_fraction=0.1", "tokenizer.vocab_size=512", "data.shard_tokens=200000",
             "model.depth=2", "model.d_model=64", "model.n_heads=2", "model.seq_len=64", "train.batch_size=8",
             "train.compile=false", "train.time_limit_min=0", "train.warmup_steps=3", "eval.every_steps=0",
-            "eval.val_batches=2", "eval.sample_tokens=8", "train.checkpoint_every=0"]
+            "eval.val_batches=2", "eval.sample_tokens=8", "train.checkpoint_every=0", "eval.rust_problems=false"]
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +54,7 @@ def losses(run_dir):
 
 
 def test_forty_steps_clearly_lower_the_loss(tmp_path, overrides):
-    cfg = load_config(overrides=[*overrides, "train.max_steps=40"])
+    cfg = load_config(overrides=[*overrides, "train.max_steps=40", "eval.rust_problems=true"])
     result = train(cfg, tmp_path / "run", log=lambda _: None)
     curve = losses(tmp_path / "run")
     first, last = sum(curve[s] for s in range(1, 6)) / 5, sum(curve[s] for s in range(36, 41)) / 5
@@ -61,6 +62,8 @@ def test_forty_steps_clearly_lower_the_loss(tmp_path, overrides):
     assert last < first - 1.0, (first, last)
     assert 0 < result["val_bpb"] < 10 and result["tokens_seen"] == 40 * 8 * 64
     assert (tmp_path / "run" / "samples" / "step_000040.md").exists()
+    if shutil.which("rustc"):  # the compiled evaluation ran on the shipped problems
+        assert result["rust_problems"] >= 10 and 0 <= result["rust_compile_rate"] <= 1
 
 
 def cli(*args, env):

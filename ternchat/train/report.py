@@ -60,7 +60,11 @@ def write_report(run_dir: Path, cfg: Config, result: dict, samples: list[dict]) 
         f"| peak memory | {result['peak_memory_bytes'] / 2**20:,.0f} MiB |",
         f"| first / last train loss | {losses[0]:.3f} / {losses[-1]:.3f} |" if losses else "| train loss | - |",
         f"| final val loss | {result.get('val_loss', float('nan')):.4f} |",
-        f"| final val bits per byte | {result.get('val_bpb', float('nan')):.4f} |", "",
+        f"| final val bits per byte | {result.get('val_bpb', float('nan')):.4f} |",
+        (f"| shipped Rust problems ({result['rust_problems']}, greedy, rustc sandbox) | pass@1 "
+         f"{result['rust_pass@1']:.3f}, compile rate {result['rust_compile_rate']:.3f} |"
+         if "rust_pass@1" in result else "| shipped Rust problems | not evaluated (eval.rust_problems off or no rustc) |"),
+        "",
         "Parameters: " + ", ".join(f"{k} {v:,}" for k, v in params.items()), "",
         "![loss curve](loss.png)", "", "## Samples", "",
     ]

@@ -179,6 +179,28 @@ class Trainer:
                              tokenizer_hash=self.tok.hash, device=self.device, verify=False)
         return evaluate_bpb(self.model, loader, self.token_bytes, self.cfg.eval.val_batches, self.autocast)
 
+    def rust_problems_eval(self) -> dict:
+        """Compile rate and pass@1 of greedy completions of the shipped Rust problems, in the sandbox."""
+        from ternchat.eval.engine import complete
+        from ternchat.verify.humaneval import load_problems, score
+        from ternchat.verify.metrics import summarize
+        from ternchat.verify.sandbox import RustcMissing
+
+        problems = load_problems()
+        completions = {p.name: [complete(self.model, self.tok, p.prompt, 256, p.stop_tokens, temperature=0.0)]
+                       for p in problems}
+        try:
+            summary = summarize(score(problems, completions), [1])
+        except RustcMissing as err:
+            self.log(f"warning: skipping the compiled evaluation: {err}")
+            return {}
+        record = {"rust_pass@1": summary["pass@k"]["pass@1"], "rust_compile_rate": summary["compile_rate"],
+                  "rust_problems": summary["problems"]}
+        self.metrics.write(step=self.step, **record)
+        self.log(f"shipped Rust problems: pass@1 {record['rust_pass@1']:.3f}, compile rate "
+                 f"{record['rust_compile_rate']:.3f} ({summary['problems']} problems, greedy)")
+        return record
+
     def _fix_length_from_speed(self, run_start: float, timing_start: float) -> None:
         now = time.perf_counter()
         per_step = (now - timing_start) / TIMING_STEPS
@@ -238,11 +260,13 @@ class Trainer:
             if self.max_steps and self._due(t.checkpoint_every):
                 self._checkpoint()
         bar.close()
+        compiled = self.rust_problems_eval() if e.rust_problems else {}
         wall = time.perf_counter() - start
         return {"steps": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.elapsed,
                 "wall_seconds_this_session": wall, "tok_s": self.tokens_seen / max(self.elapsed, 1e-9),
                 "peak_memory_bytes": peak_memory_bytes(self.device), **last_val,
-                "parameters": self.model.parameter_counts(), "device": str(self.device), "samples": samples}
+                "parameters": self.model.parameter_counts(), "device": str(self.device), "samples": samples,
+                **compiled}
 
 
 def resolve_run(config_path: str | None, overrides: list[str], run_dir: str | None, resume: bool) -> tuple[Config, Path]:
