@@ -10,6 +10,7 @@ and saved, so a resumed run follows the same schedule and repeats the same losse
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import resource
 import shutil
@@ -28,6 +29,7 @@ from ternchat.data.shards import shard_paths
 from ternchat.data.tokenizer import Tokenizer
 from ternchat.eval.bpb import evaluate_bpb
 from ternchat.eval.engine import generate
+from ternchat.model.bitlinear import to_inference
 from ternchat.model.gpt import GPT, GPTShape
 from ternchat.optim.factory import build_optimizer
 from ternchat.train.errors import RunError
@@ -179,6 +181,10 @@ class Trainer:
                              tokenizer_hash=self.tok.hash, device=self.device, verify=False)
         return evaluate_bpb(self.model, loader, self.token_bytes, self.cfg.eval.val_batches, self.autocast)
 
+    def inference_model(self) -> GPT:
+        """A copy with fixed ternary codes: same logits, no weight re-quantization per generated token."""
+        return to_inference(copy.deepcopy(self.model)).eval()
+
     def rust_problems_eval(self) -> dict:
         """Compile rate and pass@1 of greedy completions of the shipped Rust problems, in the sandbox."""
         from ternchat.eval.engine import complete
@@ -187,7 +193,8 @@ class Trainer:
         from ternchat.verify.sandbox import RustcMissing
 
         problems = load_problems()
-        completions = {p.name: [complete(self.model, self.tok, p.prompt, 256, p.stop_tokens, temperature=0.0)]
+        model = self.inference_model()
+        completions = {p.name: [complete(model, self.tok, p.prompt, 256, p.stop_tokens, temperature=0.0)]
                        for p in problems}
         try:
             summary = summarize(score(problems, completions), [1])
@@ -255,7 +262,7 @@ class Trainer:
                 self.metrics.write(step=self.step, **last_val)
                 bar.write(f"step {self.step}: val loss {last_val['val_loss']:.4f}, val bpb {last_val['val_bpb']:.4f}")
             if self.max_steps and self._due(e.sample_every):
-                samples = write_samples(self.model, self.tok, self.run_dir / "samples" / f"step_{self.step:06d}.md",
+                samples = write_samples(self.inference_model(), self.tok, self.run_dir / "samples" / f"step_{self.step:06d}.md",
                               e.sample_tokens, seed=t.seed)
             if self.max_steps and self._due(t.checkpoint_every):
                 self._checkpoint()
