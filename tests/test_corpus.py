@@ -18,6 +18,7 @@ def test_files_are_attributed_to_their_nearest_cargo_toml(fixture_crates):
     assert ("geometry", "src/shapes.rs") in by_crate
     assert by_crate[("geometry", "src/lib.rs")].version == "0.3.1"
     assert by_crate[("geometry", "src/lib.rs")].license == "MIT OR Apache-2.0"
+    assert by_crate[("geometry", "src/lib.rs")].edition == "2021"
     assert ("minicalc-macros", "src/lib.rs") in by_crate  # nested workspace member is its own crate
     assert by_crate[("minicalc", "src/main.rs")].license == "file:LICENSE"
     assert ("scripts", "build_helper.rs") in by_crate  # no Cargo.toml: named after its top-level folder

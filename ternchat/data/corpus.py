@@ -1,7 +1,7 @@
 """Build the Rust corpus: discover files, clean, deduplicate, split train/val by crate, write it.
 
 Output directory (written to a temporary name and renamed when complete):
-`train.jsonl`, `val.jsonl` (one document a line: crate, path, text), `manifest.jsonl` (provenance
+`train.jsonl`, `val.jsonl` (one document a line: crate, path, edition, text), `manifest.jsonl` (provenance
 of every kept file: crate, version, path, origin, sha256, bytes, license, split) and
 `summary.json` (counts, bytes, files dropped by reason, duplicates removed, val crates).
 The split is by crate *name*, so two versions of one crate never straddle train and val.
@@ -125,10 +125,10 @@ def _write_corpus(kept: list[tuple[SourceFile, str, str]], val_crates: set[str],
             split = "val" if src.crate in val_crates else "train"
             nbytes = len(text.encode("utf-8"))
             (val_f if split == "val" else train_f).write(
-                json.dumps({"crate": src.crate, "path": src.path, "text": text}) + "\n")
+                json.dumps({"crate": src.crate, "path": src.path, "edition": src.edition, "text": text}) + "\n")
             manifest_f.write(json.dumps({
                 "crate": src.crate, "version": src.version, "path": src.path, "origin": src.origin,
-                "source_path": src.abspath, "sha256": sha, "bytes": nbytes, "license": src.license,
+                "source_path": src.abspath, "sha256": sha, "bytes": nbytes, "license": src.license, "edition": src.edition,
                 "split": split}) + "\n")
             stats[split]["files"] += 1
             stats[split]["bytes"] += nbytes

@@ -1,7 +1,7 @@
 """Find Rust source files and the crate each belongs to.
 
 A source root is any directory; every `.rs` file under it is attributed to the crate of its
-nearest ancestor `Cargo.toml` (name, version and license read from `[package]`), or, where no
+nearest ancestor `Cargo.toml` (name, version, license and edition read from `[package]`), or, where no
 `Cargo.toml` exists above it, to a crate named after its top-level folder under the root. Crate names are what the train/val
 split keeps apart. `local_rust_roots()` lists the Rust sources a machine already has.
 """
@@ -28,6 +28,7 @@ class SourceFile:
     crate: str
     version: str
     license: str
+    edition: str
     origin: str  # which root it came from, e.g. "debian-registry"
     path: str  # path inside the crate
     abspath: str
@@ -42,11 +43,12 @@ class _Crate:
     name: str
     version: str
     license: str
+    edition: str
     root: Path
 
 
 def _read_manifest(cargo_toml: Path, fallback_name: str) -> _Crate:
-    name, version, license = fallback_name, "", ""
+    name, version, license, edition = fallback_name, "", "", "2015"  # Cargo's default edition
     try:
         package = tomllib.loads(cargo_toml.read_text(encoding="utf-8")).get("package", {})
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
@@ -60,13 +62,15 @@ def _read_manifest(cargo_toml: Path, fallback_name: str) -> _Crate:
         license = package["license"]
     elif isinstance(package.get("license-file"), str):
         license = "file:" + package["license-file"]
-    return _Crate(name, version, license, cargo_toml.parent)
+    if isinstance(package.get("edition"), str):
+        edition = package["edition"]
+    return _Crate(name, version, license, edition, cargo_toml.parent)
 
 
 def scan_root(root: Path, origin: str) -> list[SourceFile]:
     """All `.rs` files under `root`, each with its crate."""
     root = Path(root).resolve()
-    default = _Crate(root.name, "", "", root)
+    default = _Crate(root.name, "", "", "2021", root)
     crate_of: dict[Path, _Crate] = {}
     files: list[SourceFile] = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -77,14 +81,14 @@ def scan_root(root: Path, origin: str) -> list[SourceFile]:
         elif here == root:
             crate = default
         elif here.parent == root and crate_of[root] is default:
-            crate = _Crate(here.name, "", "", here)  # a top-level folder without Cargo.toml is its own unit
+            crate = _Crate(here.name, "", "", "2021", here)  # a top-level folder without Cargo.toml is its own unit
         else:
             crate = crate_of[here.parent]
         crate_of[here] = crate
         for name in sorted(filenames):
             if name.endswith(".rs"):
                 abspath = here / name
-                files.append(SourceFile(crate.name, crate.version, crate.license, origin,
+                files.append(SourceFile(crate.name, crate.version, crate.license, crate.edition, origin,
                                         abspath.relative_to(crate.root).as_posix(), str(abspath)))
     return files
 

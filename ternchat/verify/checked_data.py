@@ -1,11 +1,12 @@
 """Compiler-checked data: tag each corpus file by what rustc says about it, cached by content hash.
 
-Tags: `compiles` (type-checks alone as a library crate, `--emit=metadata`), `parses` (a valid
-parse, but it needs its crate: modules, `crate::` paths, dependencies), `syntax_error` (does not
-parse), or `unchecked` (timeout or sandbox failure). Results are kept in `$TERNCHAT_HOME/verify/
-tags.jsonl` keyed by SHA-256 of the text, so a file is checked once whatever corpus it is in; the
-tags of a corpus are written beside it as `compile_tags.jsonl` (crate, path, sha256, tag, codes)
-for training to filter or weight by.
+Each file is checked with its crate's edition (Cargo's default, 2015, where `Cargo.toml` names
+none). Tags: `compiles` (type-checks alone as a library crate, `--emit=metadata`), `parses` (a
+valid parse, but it needs its crate: modules, `crate::` paths, dependencies), `syntax_error` (does
+not parse), or `unchecked` (timeout or sandbox failure). Results are kept in
+`$TERNCHAT_HOME/verify/tags.jsonl` keyed by SHA-256 of the text and the edition, so a file is
+checked once whatever corpus it is in; the tags of a corpus are written beside it as
+`compile_tags.jsonl` (crate, path, edition, sha256, tag, codes) for training to filter or weight by.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from ternchat.verify.sandbox import check_metadata, check_parse
 TAGS = ("compiles", "parses", "syntax_error", "unchecked")
 
 
-def tag_source(source: str) -> dict:
-    full = check_metadata(source)
+def tag_source(source: str, edition: str = "2021") -> dict:
+    full = check_metadata(source, edition)
     if full.outcome == "ok":
         return {"tag": "compiles", "codes": []}
     if full.outcome != "compile_error":
         return {"tag": "unchecked", "codes": []}
-    parsed = check_parse(source)
+    parsed = check_parse(source, edition)
     if parsed.outcome == "ok":
         return {"tag": "parses", "codes": full.error_codes}
     return {"tag": "syntax_error" if parsed.outcome == "compile_error" else "unchecked", "codes": parsed.error_codes}
@@ -38,9 +39,11 @@ def _load_cache(path: Path) -> dict[str, dict]:
     cache = {}
     if path.exists():
         for line in path.read_text().splitlines():
-            if line.strip():
+            try:
                 row = json.loads(line)
-                cache[row["sha256"]] = {"tag": row["tag"], "codes": row["codes"]}
+                cache[(row["sha256"], row["edition"])] = {"tag": row["tag"], "codes": row["codes"]}
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line or an older format: that file is simply checked again
     return cache
 
 
@@ -56,18 +59,19 @@ def verify_corpus(corpus_dir: Path, cache_dir: Path, limit: int = 0, workers: in
                 if limit and i >= limit:
                     break
                 doc = json.loads(line)
-                docs.append((split, doc["crate"], doc["path"], doc["text"],
-                             hashlib.sha256(doc["text"].encode("utf-8")).hexdigest()))
-    todo = sorted({(sha, text) for _, _, _, text, sha in docs if sha not in cache})
+                key = (hashlib.sha256(doc["text"].encode("utf-8")).hexdigest(), doc.get("edition", "2021"))
+                docs.append((split, doc["crate"], doc["path"], doc["text"], key))
+    todo = sorted({(key, text) for _, _, _, text, key in docs if key not in cache})
     with ThreadPoolExecutor(max_workers=workers) as pool, open(cache_path, "a", encoding="utf-8") as out:
-        for (sha, _), result in tqdm(zip(todo, pool.map(lambda item: tag_source(item[1]), todo)), total=len(todo),
-                                     desc="rustc check", unit="file"):
-            cache[sha] = result
-            out.write(json.dumps({"sha256": sha, **result}) + "\n")
+        results = pool.map(lambda item: tag_source(item[1], item[0][1]), todo)
+        for ((sha, edition), _), result in tqdm(zip(todo, results), total=len(todo), desc="rustc check", unit="file"):
+            cache[(sha, edition)] = result
+            out.write(json.dumps({"sha256": sha, "edition": edition, **result}) + "\n")
     counts = {tag: 0 for tag in TAGS}
     with open(corpus_dir / "compile_tags.jsonl", "w", encoding="utf-8") as f:
-        for split, crate, path, _, sha in docs:
-            result = cache[sha]
+        for split, crate, path, _, (sha, edition) in docs:
+            result = cache[(sha, edition)]
             counts[result["tag"]] += 1
-            f.write(json.dumps({"split": split, "crate": crate, "path": path, "sha256": sha, **result}) + "\n")
+            f.write(json.dumps({"split": split, "crate": crate, "path": path, "edition": edition, "sha256": sha,
+                                **result}) + "\n")
     return {"files": len(docs), "checked_now": len(todo), **counts}
