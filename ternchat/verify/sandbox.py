@@ -239,6 +239,28 @@ def _classify_run(returncode: int, stderr: str, verdict: str) -> str:
 
 
 
+def _rustc(workdir: Path, args: Sequence[str], limits: Limits, env: dict[str, str] | None = None) -> Outcome:
+    """Run rustc with `args` inside `workdir`, sandboxed; outcome 'ok' or the class of its failure."""
+    iso = isolation()
+    wrap = _bwrap_prefix(Path(iso.sysroot), workdir, os.geteuid() == 0, env) if iso.namespaces else []
+    cmd = (_prlimit(iso, limits.compile_memory_bytes, int(limits.compile_seconds) + 5, limits, None) + wrap
+           + [iso.rustc, *args, "--error-format=json"])
+    start = time.perf_counter()
+    proc = _spawn(cmd, workdir, env)
+    _, err, verdict = _communicate(proc, limits.compile_seconds, limits.output_bytes * 8)
+    seconds = time.perf_counter() - start
+    if verdict:
+        return Outcome("timeout" if verdict == "timeout" else "sandbox_error", "compile", proc.returncode,
+                       compile_seconds=seconds)
+    if proc.returncode == 0:
+        return Outcome("ok", "compile", 0, compile_seconds=seconds)
+    codes, messages = parse_diagnostics(err.decode("utf-8", errors="replace"))
+    if not messages:  # rustc itself failed (killed, missing linker, ...): not the program's fault
+        return Outcome("sandbox_error", "compile", proc.returncode, stderr=_decode(err), compile_seconds=seconds)
+    return Outcome("compile_error", "compile", proc.returncode, error_codes=codes, messages=messages,
+                   compile_seconds=seconds)
+
+
 def run_rust(source: str, *, limits: Limits = Limits(), edition: str = "2021", slot: int = 0) -> Outcome:
     """Compile `source` as a binary and run it in the sandbox; never raises for the program's sake."""
     iso = isolation()
@@ -246,29 +268,14 @@ def run_rust(source: str, *, limits: Limits = Limits(), edition: str = "2021", s
     uid = BASE_UID + slot
     try:
         (workdir / "main.rs").write_text(source, encoding="utf-8")
-        wrap = _bwrap_prefix(Path(iso.sysroot), workdir, os.geteuid() == 0) if iso.namespaces else []
-        rustc = iso.rustc
-        compile_cmd = (_prlimit(iso, limits.compile_memory_bytes, int(limits.compile_seconds) + 5, limits, None)
-                       + wrap + [rustc, "--edition", edition, "--error-format=json", "-C", "opt-level=0",
-                                 "-C", "debuginfo=0", "-o", "prog", "main.rs"])
-        start = time.perf_counter()
-        proc = _spawn(compile_cmd, workdir)
-        out, err, verdict = _communicate(proc, limits.compile_seconds, limits.output_bytes * 8)
-        compile_s = time.perf_counter() - start
-        err_text = err.decode("utf-8", errors="replace")
-        if verdict:
-            return Outcome("timeout" if verdict == "timeout" else "sandbox_error", "compile", proc.returncode,
-                           compile_seconds=compile_s)
-        if proc.returncode != 0:
-            codes, messages = parse_diagnostics(err_text)
-            if not messages:  # rustc itself failed (killed, missing linker, ...): not the program's fault
-                return Outcome("sandbox_error", "compile", proc.returncode, stderr=_decode(err),
-                               compile_seconds=compile_s)
-            return Outcome("compile_error", "compile", proc.returncode, error_codes=codes, messages=messages,
-                           compile_seconds=compile_s)
+        built = _rustc(workdir, ["--edition", edition, "-C", "opt-level=0", "-C", "debuginfo=0", "-o", "prog",
+                                 "main.rs"], limits)
+        if built.outcome != "ok":
+            return built
         if iso.drop_uid:
             os.chown(workdir, uid, uid)
             os.chown(workdir / "prog", uid, uid)
+        wrap = _bwrap_prefix(Path(iso.sysroot), workdir, os.geteuid() == 0) if iso.namespaces else []
         run_prefix = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"] if iso.drop_uid else []
         run_cmd = (_prlimit(iso, limits.run_memory_bytes, limits.cpu_seconds, limits,
                             limits.processes if iso.drop_uid else None)
@@ -279,7 +286,7 @@ def run_rust(source: str, *, limits: Limits = Limits(), edition: str = "2021", s
         run_s = time.perf_counter() - start
         err_text = _decode(err)
         return Outcome(_classify_run(proc.returncode, err_text, verdict), "run", proc.returncode, _decode(out),
-                       err_text, compile_seconds=compile_s, run_seconds=run_s)
+                       err_text, compile_seconds=built.compile_seconds, run_seconds=run_s)
     except OSError as e:
         return Outcome("sandbox_error", "compile", messages=[f"{type(e).__name__}: {e}"])
     finally:
@@ -311,23 +318,10 @@ def run_many(sources: Sequence[str], *, workers: int = 0, limits: Limits = Limit
 def rustc_check(source: str, args: Sequence[str], *, env: dict[str, str] | None = None,
                 limits: Limits = Limits()) -> Outcome:
     """Run rustc with `args` on `source` (as `lib.rs`) in the sandbox without running anything."""
-    iso = isolation()
     workdir = Path(tempfile.mkdtemp(prefix="ternchat-check-"))
     try:
         (workdir / "lib.rs").write_text(source, encoding="utf-8")
-        wrap = _bwrap_prefix(Path(iso.sysroot), workdir, os.geteuid() == 0, env) if iso.namespaces else []
-        cmd = (_prlimit(iso, limits.compile_memory_bytes, int(limits.compile_seconds) + 5, limits, None) + wrap
-               + [iso.rustc, *args, "--error-format=json", "lib.rs"])
-        start = time.perf_counter()
-        proc = _spawn(cmd, workdir, env)
-        _, err, verdict = _communicate(proc, limits.compile_seconds, limits.output_bytes * 8)
-        codes, messages = parse_diagnostics(err.decode("utf-8", errors="replace"))
-        if verdict:
-            outcome = "timeout"
-        else:
-            outcome = "ok" if proc.returncode == 0 else ("compile_error" if messages else "sandbox_error")
-        return Outcome(outcome, "compile", proc.returncode, error_codes=codes, messages=messages,
-                       compile_seconds=time.perf_counter() - start)
+        return _rustc(workdir, [*args, "lib.rs"], limits, env)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
