@@ -83,7 +83,7 @@ class ModelConfig:
 class OptimConfig:
     """[optim]: optimizer of the 2-D block matrices and of everything else."""
 
-    matrix_optimizer: str = _field("muon", choices=("muon", "adamw"), doc="optimizer of the 2-D block matrices")
+    matrix_optimizer: str = _field("muon", choices=("muon", "adamw", "foam"), doc="optimizer of the 2-D block matrices")
     lr_matrix: float = _field(0.02, min=0.0, max=10.0, doc="learning rate of the block matrices")
     lr_embed: float = _field(0.003, min=0.0, max=10.0, doc="AdamW learning rate of the token embedding")
     lr_head: float = _field(0.003, min=0.0, max=10.0, doc="AdamW learning rate of the LM head")
@@ -93,6 +93,22 @@ class OptimConfig:
     beta2: float = _field(0.95, min=0.0, max=1.0, doc="AdamW beta2")
     muon_momentum: float = _field(0.95, min=0.0, max=1.0, doc="Muon Nesterov momentum")
     grad_clip: float = _field(1.0, min=0.0, doc="global gradient-norm clip; 0 = off")
+    use_8bit_optim: bool = _field(False, doc="keep Muon/GUM momentum as blockwise int8 (8-bit Muon)")
+    block_size_8bit: int = _field(2048, min=16, max=1 << 20, doc="values per int8 block (one fp32 scale each)")
+    stochastic_rounding: bool = _field(False, doc="round 8-bit state stochastically (unbiased)")
+    use_galore: bool = _field(False, doc="GaLore 2 low-rank projection of the block matrices (GUM with Muon)")
+    galore_rank: int = _field(128, min=1, doc="rank of the GaLore subspace")
+    galore_update_freq: int = _field(200, min=1, doc="steps between projector refreshes (GUM's period)")
+    galore_scale: float = _field(0.25, min=0.0, doc="GaLore's update scale (AdamW base only)")
+    galore_min_dim: int = _field(256, min=1, doc="project only matrices whose smaller side is at least this")
+    galore_oversample: int = _field(8, min=0, doc="randomized SVD oversampling columns")
+    galore_power_iters: int = _field(2, min=0, max=10, doc="randomized SVD power iterations")
+    gum_full_rank_prob: float = _field(0.1, min=0.001, max=0.999, doc="GUM's q: chance a matrix takes a "
+                                                                         "full-rank complement update in a period")
+    foam_level: int = _field(3, min=0, max=12, doc="FOAM fold level l: moments kept as means over 2^l entries")
+    foam_embed_head: bool = _field(False, doc="also use FOAM for the embedding and the head")
+    adamw_8bit: bool = _field(False, doc="8-bit AdamW (bitsandbytes) for the embedding and the head")
+    seed: int = _field(0, min=0, doc="seed of the optimizers' randomness (sketches, draws, rounding)")
 
 
 @dataclass

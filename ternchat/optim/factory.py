@@ -1,7 +1,9 @@
 """The optimizer factory: parameter groups -> optimizers, behind one step()/state_dict() face.
 
 2-D matrices inside the transformer blocks go to the matrix optimizer (`optim.matrix_optimizer`:
-Muon, or AdamW as a baseline); the token embedding, the LM head and the norm gains go to AdamW,
+Muon, FOAM or AdamW; with `use_galore`, GUM for Muon and GaLore for AdamW; with `use_8bit_optim`,
+int8 Muon/GUM momentum); the token embedding, the LM head and the norm gains go to AdamW (8-bit
+through bitsandbytes with `adamw_8bit`, or FOAM for embedding and head with `foam_embed_head`),
 each with its own learning rate. The trainer sees a `CombinedOptimizer` and nothing else, so new
 optimizers plug in here without touching the loop.
 """
@@ -11,7 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ternchat.config import OptimConfig
+from ternchat.config import ConfigError, OptimConfig
+from ternchat.optim.foam import FOAM
+from ternchat.optim.galore import GUM, GaLoreAdamW
 from ternchat.optim.muon import Muon
 
 
@@ -54,21 +58,57 @@ class CombinedOptimizer:
                    for t in s.values() if torch.is_tensor(t))
 
 
+def _adamw_for(params_groups: list[dict], cfg: OptimConfig, eight_bit: bool) -> torch.optim.Optimizer:
+    betas = (cfg.beta1, cfg.beta2)
+    if eight_bit:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            print("warning: optim.adamw_8bit needs bitsandbytes (pip install bitsandbytes); using fp32 AdamW")
+        else:
+            return bnb.optim.AdamW8bit(params_groups, betas=betas, eps=1e-8)
+    return torch.optim.AdamW(params_groups, betas=betas, eps=1e-8)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> CombinedOptimizer:
+    """Block matrices -> Muon / GUM / GaLore-AdamW / FOAM / AdamW; embedding, head, gains -> AdamW or FOAM."""
     matrices, gains = [], []
     for name, p in model.named_parameters():
         if name.startswith("blocks.") and p.ndim == 2:
             matrices.append(p)
         elif name.startswith(("blocks.", "final_norm.")):
             gains.append(p)
-    embed = [model.embed.weight]
-    head = [model.lm_head.weight]
-    betas = (cfg.beta1, cfg.beta2)
-    adamw_groups = [dict(params=embed, lr=cfg.lr_embed, weight_decay=0.0),
-                    dict(params=head, lr=cfg.lr_head, weight_decay=0.0),
-                    dict(params=gains, lr=cfg.lr_scalar, weight_decay=0.0)]
-    if cfg.matrix_optimizer == "muon":
-        matrix_opt = Muon(matrices, lr=cfg.lr_matrix, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay)
-        return CombinedOptimizer([matrix_opt, torch.optim.AdamW(adamw_groups, betas=betas, eps=1e-8)])
-    adamw_groups.append(dict(params=matrices, lr=cfg.lr_matrix, weight_decay=cfg.weight_decay))
-    return CombinedOptimizer([torch.optim.AdamW(adamw_groups, betas=betas, eps=1e-8)])
+    embed_head = [dict(params=[model.embed.weight], lr=cfg.lr_embed, weight_decay=0.0),
+                  dict(params=[model.lm_head.weight], lr=cfg.lr_head, weight_decay=0.0)]
+    gains_group = [dict(params=gains, lr=cfg.lr_scalar, weight_decay=0.0)]
+    bits = 8 if cfg.use_8bit_optim else 32
+    galore = dict(rank=cfg.galore_rank, update_freq=cfg.galore_update_freq, min_dim=cfg.galore_min_dim,
+                  oversample=cfg.galore_oversample, power_iters=cfg.galore_power_iters, seed=cfg.seed)
+    if cfg.matrix_optimizer == "muon" and cfg.use_galore:
+        matrix_opt = GUM(matrices, lr=cfg.lr_matrix, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
+                         full_rank_prob=cfg.gum_full_rank_prob, state_bits=bits, block_size=cfg.block_size_8bit,
+                         stochastic_rounding=cfg.stochastic_rounding, **galore)
+    elif cfg.matrix_optimizer == "muon":
+        matrix_opt = Muon(matrices, lr=cfg.lr_matrix, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
+                          state_bits=bits, block_size=cfg.block_size_8bit, stochastic_rounding=cfg.stochastic_rounding,
+                          seed=cfg.seed)
+    elif cfg.use_galore and cfg.matrix_optimizer == "adamw":
+        matrix_opt = GaLoreAdamW(matrices, lr=cfg.lr_matrix, betas=(cfg.beta1, cfg.beta2),
+                                 weight_decay=cfg.weight_decay, scale=cfg.galore_scale, **galore)
+    elif cfg.use_galore:
+        raise ConfigError("optim.use_galore works with matrix_optimizer = 'muon' (GUM) or 'adamw' (GaLore), "
+                          f"not {cfg.matrix_optimizer!r}")
+    elif cfg.matrix_optimizer == "foam":
+        matrix_opt = FOAM(matrices, lr=cfg.lr_matrix, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                          level=cfg.foam_level)
+    else:
+        matrix_opt = torch.optim.AdamW([dict(params=matrices, lr=cfg.lr_matrix, weight_decay=cfg.weight_decay)],
+                                       betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    if cfg.foam_embed_head:
+        others = [FOAM(embed_head, betas=(cfg.beta1, cfg.beta2), level=cfg.foam_level),
+                  torch.optim.AdamW(gains_group, betas=(cfg.beta1, cfg.beta2), eps=1e-8)]
+    elif cfg.adamw_8bit:
+        others = [_adamw_for(embed_head, cfg, True), torch.optim.AdamW(gains_group, betas=(cfg.beta1, cfg.beta2))]
+    else:
+        others = [torch.optim.AdamW(embed_head + gains_group, betas=(cfg.beta1, cfg.beta2), eps=1e-8)]
+    return CombinedOptimizer([matrix_opt, *others])

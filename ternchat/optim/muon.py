@@ -16,6 +16,8 @@ from collections import defaultdict
 
 import torch
 
+from ternchat.optim.quant8 import StateCodec
+
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
@@ -35,14 +37,20 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
 
 
 class Muon(torch.optim.Optimizer):
+    """Muon; with `state_bits=8` the momentum is stored as blockwise int8 (8-bit Muon, arXiv:2509.23106):
+    each step dequantizes it, updates it, orthogonalizes, and quantizes it again."""
+
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
-                 nesterov: bool = True, ns_steps: int = 5):
+                 nesterov: bool = True, ns_steps: int = 5, state_bits: int = 32, block_size: int = 2048,
+                 stochastic_rounding: bool = False, seed: int = 0):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       nesterov=nesterov, ns_steps=ns_steps))
+        self.codec = StateCodec(state_bits, block_size, stochastic_rounding, seed)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(f"Muon takes 2-D matrices only; got a parameter of shape {tuple(p.shape)}")
+        self._slot = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -53,13 +61,13 @@ class Muon(torch.optim.Optimizer):
                 if p.grad is not None:
                     by_shape[tuple(p.shape)].append(p)
             for (rows, cols), params in by_shape.items():
-                grads = [p.grad for p in params]
-                bufs = []
-                for p in params:
-                    if "momentum_buffer" not in self.state[p]:
-                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                    bufs.append(self.state[p]["momentum_buffer"])
+                grads = [p.grad.float() for p in params]
+                bufs = [self.codec.load(self.state[p], "momentum_buffer", p) for p in params]
                 torch._foreach_lerp_(bufs, grads, 1 - beta)
+                for p, buf in zip(params, bufs):
+                    state = self.state[p]
+                    state["step"] = state.get("step", 0) + 1
+                    self.codec.store(state, "momentum_buffer", buf, state["step"], self._slot[p])
                 updates = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else bufs
                 orthogonal = newton_schulz(torch.stack(updates), group["ns_steps"])
                 scale = max(1.0, rows / cols) ** 0.5

@@ -1,0 +1,170 @@
+"""GaLore 2 low-rank gradient projection, with an AdamW base (GaLore) or a Muon base (GUM).
+
+GaLore (Zhao et al. 2024, arXiv:2403.03507) keeps optimizer state in a rank-r subspace: for a
+matrix gradient G (m x n) it projects from the smaller side, R = P^T G with P (m x r) when m <= n,
+else R = G Q with Q (n x r), runs the base optimizer on R, and projects the update back. GaLore 2
+(arXiv:2504.20437) refreshes the projector every `update_freq` steps with a **randomized SVD**
+(Halko et al. 2011: a Gaussian range finder with `oversample` extra columns and `power_iters`
+power iterations, QR-orthonormalized, then an exact SVD of the small core) instead of a full SVD.
+
+With a Muon base this module implements GUM (Pan et al. 2025, arXiv:2510.17802), the unbiased
+scheme: every period each matrix is drawn for a full-rank update with probability q. A low-rank
+matrix keeps momentum R <- beta R + P^T G / (1 - q) and moves by P NS(R); a full-rank one keeps
+R <- beta R + (G - P P^T G) / q and moves by NS(R), so the expected update is the full gradient's.
+Momentum restarts at each period because the subspace changes. Matrices below `min_dim` use the
+plain base optimizer. GaLore's `scale` multiplies the AdamW-based update only: scaling one GUM
+branch would bias it again. Randomness (sketches, draws, stochastic rounding) comes from
+generators seeded by (seed, period, matrix), so a resumed run repeats it exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ternchat.optim.muon import newton_schulz
+from ternchat.optim.quant8 import StateCodec
+
+
+def _generator(seed: int, *parts: int) -> torch.Generator:
+    return torch.Generator().manual_seed(hash((seed, *parts)) & (2**62))
+
+
+def randomized_svd_basis(g: torch.Tensor, rank: int, oversample: int = 8, power_iters: int = 2,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """Orthonormal m x rank basis approximating the top-`rank` left singular vectors of g (m x n)."""
+    m, n = g.shape
+    k = min(rank + oversample, m, n)
+    omega = torch.randn(n, k, generator=generator).to(g)
+    y = g @ omega
+    for _ in range(power_iters):
+        y, _ = torch.linalg.qr(y)
+        y = g @ (g.T @ y)
+    q, _ = torch.linalg.qr(y)
+    u_small, _, _ = torch.linalg.svd(q.T @ g, full_matrices=False)
+    return (q @ u_small)[:, :rank]
+
+
+class _Projector:
+    """Projects a matrix gradient onto its rank-r subspace from the smaller side, and back."""
+
+    def __init__(self, basis: torch.Tensor, left: bool):
+        self.basis, self.left = basis, left
+
+    @classmethod
+    def fit(cls, g: torch.Tensor, rank: int, oversample: int, power_iters: int, generator) -> "_Projector":
+        left = g.shape[0] <= g.shape[1]
+        basis = randomized_svd_basis(g if left else g.T, rank, oversample, power_iters, generator)
+        return cls(basis, left)
+
+    def down(self, g: torch.Tensor) -> torch.Tensor:
+        return self.basis.T @ g if self.left else g @ self.basis
+
+    def up(self, r: torch.Tensor) -> torch.Tensor:
+        return self.basis @ r if self.left else r @ self.basis.T
+
+
+class _LowRankBase(torch.optim.Optimizer):
+    def __init__(self, params, defaults: dict, rank: int, update_freq: int, min_dim: int, oversample: int,
+                 power_iters: int, seed: int):
+        super().__init__(params, defaults)
+        self.rank, self.update_freq, self.min_dim = rank, update_freq, min_dim
+        self.oversample, self.power_iters, self.seed = oversample, power_iters, seed
+        self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+
+    def uses_galore(self, p: torch.Tensor) -> bool:
+        return p.ndim == 2 and min(p.shape) >= self.min_dim and self.rank <= min(p.shape)
+
+    def _projector(self, p: torch.Tensor, g: torch.Tensor, step: int) -> tuple[_Projector, bool]:
+        """The period's projector (refit at the first step of each period) and whether it is new."""
+        state = self.state[p]
+        period = (step - 1) // self.update_freq
+        if state.get("period") != period:
+            gen = _generator(self.seed, period, self._index[p])
+            proj = _Projector.fit(g.float(), self.rank, self.oversample, self.power_iters, gen)
+            state["period"], state["basis"], state["left"] = period, proj.basis, proj.left
+            return proj, True
+        return _Projector(state["basis"], state["left"]), False
+
+
+class GaLoreAdamW(_LowRankBase):
+    """GaLore with AdamW on the projected gradient; full AdamW for matrices it does not project."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 rank: int = 128, update_freq: int = 200, scale: float = 0.25, min_dim: int = 256,
+                 oversample: int = 8, power_iters: int = 2, seed: int = 0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), rank, update_freq,
+                         min_dim, oversample, power_iters, seed)
+        self.scale = scale
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            (b1, b2), eps, lr, wd = group["betas"], group["eps"], group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                state["step"] = step = state.get("step", 0) + 1
+                g = p.grad.float()
+                galore = self.uses_galore(p)
+                if galore:
+                    proj, fresh = self._projector(p, g, step)
+                    g = proj.down(g)
+                    if fresh:  # moments live in the old subspace's coordinates: start again
+                        state.pop("exp_avg", None), state.pop("exp_avg_sq", None)
+                m = state.setdefault("exp_avg", torch.zeros_like(g))
+                v = state.setdefault("exp_avg_sq", torch.zeros_like(g))
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                update = (m / (1 - b1 ** step)) / ((v / (1 - b2 ** step)).sqrt() + eps)
+                if galore:
+                    update = proj.up(update) * self.scale
+                p.mul_(1 - lr * wd)
+                p.add_(update.to(p.dtype), alpha=-lr)
+
+
+class GUM(_LowRankBase):
+    """GaLore Unbiased with Muon; `state_bits=8` keeps the (low-rank or complement) momentum in int8."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
+                 rank: int = 128, update_freq: int = 200, full_rank_prob: float = 0.1, min_dim: int = 256,
+                 oversample: int = 8, power_iters: int = 2, ns_steps: int = 5, state_bits: int = 32,
+                 block_size: int = 2048, stochastic_rounding: bool = False, seed: int = 0):
+        if not 0 < full_rank_prob < 1:
+            raise ValueError(f"GUM's full-rank probability q must be in (0, 1), got {full_rank_prob}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps),
+                         rank, update_freq, min_dim, oversample, power_iters, seed)
+        self.q = full_rank_prob
+        self.codec = StateCodec(state_bits, block_size, stochastic_rounding, seed)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                state["step"] = step = state.get("step", 0) + 1
+                g = p.grad.float()
+                if self.uses_galore(p):
+                    # At full rank there is no complement to debias: never draw the full-rank branch.
+                    q = self.q if self.rank < min(p.shape) else 0.0
+                    proj, fresh = self._projector(p, g, step)
+                    if fresh:
+                        draw = torch.rand((), generator=_generator(self.seed, state["period"], self._index[p], 1))
+                        state["full_rank"] = bool(draw < q)
+                        self.codec.drop(state, "momentum")
+                    if state["full_rank"]:
+                        g = (g - proj.up(proj.down(g))) / q
+                    else:
+                        g = proj.down(g) / (1 - q)
+                buf = self.codec.load(state, "momentum", g)
+                buf.mul_(beta).add_(g)
+                self.codec.store(state, "momentum", buf, step, self._index[p])
+                update = newton_schulz(buf, group["ns_steps"]).float()
+                if self.uses_galore(p) and not state["full_rank"]:
+                    update = proj.up(update)
+                update *= max(1.0, p.shape[0] / p.shape[1]) ** 0.5
+                p.mul_(1 - lr * wd)
+                p.add_(update.to(p.dtype), alpha=-lr)
