@@ -1,0 +1,165 @@
+import io
+
+import pytest
+import torch
+
+from ternchat.config import load_config
+from ternchat.model.gpt import GPT, GPTShape
+from ternchat.optim.factory import build_optimizer
+from ternchat.optim.foam import FOAM
+from ternchat.optim.galore import GUM, GaLoreAdamW, randomized_svd_basis
+from ternchat.optim.muon import Muon
+from ternchat.optim.quant8 import dequantize_blockwise, quantize_blockwise
+
+
+def test_blockwise_int8_error_is_within_half_a_step():
+    x = torch.randn(10_000) * torch.linspace(0.01, 10, 10_000)
+    for block in (128, 2048):
+        codes, absmax = quantize_blockwise(x, block)
+        assert codes.dtype == torch.int8 and absmax.numel() == -(-x.numel() // block)
+        error = (dequantize_blockwise(codes, absmax, block) - x).abs()
+        step = (absmax / 127).repeat_interleave(block)[: x.numel()]
+        assert (error <= step / 2 + 1e-7).all()
+
+
+def test_stochastic_rounding_is_unbiased_on_average():
+    x = torch.full((2048,), 0.3) * torch.linspace(-1, 1, 2048)
+    gen = torch.Generator().manual_seed(0)
+    mean = torch.stack([dequantize_blockwise(*quantize_blockwise(x, 2048, True, gen), 2048) for _ in range(400)]).mean(0)
+    nearest = dequantize_blockwise(*quantize_blockwise(x, 2048), 2048)
+    assert (mean - x).abs().mean() < 0.25 * (nearest - x).abs().mean()
+
+
+def state_bytes(opt) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def test_8bit_muon_state_is_about_one_byte_per_parameter():
+    params = [torch.nn.Parameter(torch.randn(256, 512)) for _ in range(3)]
+    opt = Muon(params, state_bits=8, block_size=2048)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    n = sum(p.numel() for p in params)
+    assert state_bytes(opt) / n <= 1 + 4 / 2048 + 1e-9
+
+
+def test_8bit_muon_tracks_fp32_muon():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(64, 128))
+    b = torch.nn.Parameter(a.detach().clone())
+    fp32, int8 = Muon([a], lr=0.01), Muon([b], lr=0.01, state_bits=8, block_size=128)
+    for _ in range(20):
+        g = torch.randn(64, 128)
+        a.grad, b.grad = g.clone(), g.clone()
+        fp32.step(), int8.step()
+    assert (a - b).norm() < 0.05 * (a.detach() - a.detach().mean()).norm()
+
+
+def test_randomized_svd_recovers_a_low_rank_subspace():
+    torch.manual_seed(0)
+    g = torch.randn(200, 12) @ torch.randn(12, 300)
+    basis = randomized_svd_basis(g, 12, oversample=6, power_iters=2, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(basis.T @ basis, torch.eye(12), atol=1e-4)
+    assert (basis @ basis.T @ g - g).norm() < 1e-4 * g.norm()
+
+
+def test_gum_at_full_rank_equals_muon():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(48, 96))
+    b = torch.nn.Parameter(a.detach().clone())
+    start = a.detach().clone()
+    muon = Muon([a], lr=0.02, momentum=0.9, nesterov=False)
+    # One period (GUM restarts momentum when the subspace changes, plain Muon does not).
+    gum = GUM([b], lr=0.02, momentum=0.9, rank=48, min_dim=1, update_freq=10, full_rank_prob=0.5)
+    for _ in range(7):
+        g = torch.randn(48, 96)
+        a.grad, b.grad = g.clone(), g.clone()
+        muon.step(), gum.step()
+    assert gum.uses_galore(b) and not gum.state[b]["full_rank"]
+    moved = (a.detach() - start).norm()
+    assert (a - b).norm() < 0.03 * moved  # equal up to bf16 Newton-Schulz rounding
+
+
+def test_galore_adamw_update_stays_in_the_subspace_and_state_is_low_rank():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 256))
+    opt = GaLoreAdamW([p], lr=0.1, rank=8, min_dim=32, update_freq=100)
+    before = p.detach().clone()
+    p.grad = torch.randn(64, 256)
+    opt.step()
+    basis = opt.state[p]["basis"]
+    delta = p.detach() - before
+    assert (delta - basis @ basis.T @ delta).norm() < 1e-4 * delta.norm()
+    moments = opt.state[p]["exp_avg"].numel() + opt.state[p]["exp_avg_sq"].numel()
+    assert moments / (2 * p.numel()) == 8 / 64  # r / min(m, n) of AdamW's state
+
+
+def test_foam_level_0_is_adamw_and_folds_state():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(8, 32))
+    b, c = (torch.nn.Parameter(a.detach().clone()) for _ in range(2))
+    adamw = torch.optim.AdamW([a], lr=1e-2, weight_decay=0.1)
+    foam0, foam3 = FOAM([b], lr=1e-2, weight_decay=0.1, level=0), FOAM([c], lr=1e-2, level=3)
+    for _ in range(5):
+        g = torch.randn(8, 32)
+        a.grad, b.grad, c.grad = g.clone(), g.clone(), g.clone()
+        adamw.step(), foam0.step(), foam3.step()
+    assert torch.allclose(a, b, atol=1e-6)
+    assert foam3.state[c]["exp_avg_folded"].shape == (8, 4)
+
+
+SHAPE = GPTShape(vocab_size=256, depth=2, d_model=64, n_heads=2, d_ff=256, seq_len=32, quant="ternary")
+VARIANTS = {
+    "muon": [],
+    "muon_8bit_sr": ["optim.use_8bit_optim=true", "optim.block_size_8bit=128", "optim.stochastic_rounding=true"],
+    "gum": ["optim.use_galore=true", "optim.galore_rank=8", "optim.galore_min_dim=32", "optim.galore_update_freq=2",
+            "optim.gum_full_rank_prob=0.5"],
+    "gum_8bit": ["optim.use_galore=true", "optim.galore_rank=8", "optim.galore_min_dim=32",
+                 "optim.galore_update_freq=2", "optim.use_8bit_optim=true", "optim.block_size_8bit=128"],
+    "galore_adamw": ["optim.matrix_optimizer=adamw", "optim.use_galore=true", "optim.galore_rank=8",
+                     "optim.galore_min_dim=32", "optim.galore_update_freq=2"],
+    "foam": ["optim.matrix_optimizer=foam", "optim.foam_level=2", "optim.foam_embed_head=true"],
+}
+
+
+def run(opt_overrides, steps, state=None, model_state=None):
+    torch.manual_seed(0)
+    model = GPT(SHAPE)
+    if model_state is not None:
+        model.load_state_dict(model_state)
+    opt = build_optimizer(model, load_config(overrides=opt_overrides).optim)
+    if state is not None:
+        opt.load_state_dict(state)
+    gen = torch.Generator().manual_seed(len(opt_overrides))
+    data = [torch.randint(0, 256, (4, 33), generator=gen) for _ in range(12)]
+    start = 0 if state is None else 12 - steps
+    for batch in data[start:start + steps]:
+        model(batch[:, :-1], batch[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    return model, torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_state_dict_round_trip_continues_exactly(name):
+    overrides = VARIANTS[name]
+    straight, _ = run(overrides, 12)
+    half, saved = run(overrides, 7)
+    resumed, _ = run(overrides, 5, state=saved, model_state=half.state_dict())
+    for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_8bit_adamw_uses_bitsandbytes_or_says_why():
+    model = GPT(SHAPE)
+    opt = build_optimizer(model, load_config(overrides=["optim.adamw_8bit=true"]).optim)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        assert type(opt.optimizers[1]) is torch.optim.AdamW
+    else:
+        assert type(opt.optimizers[1]).__name__ == "AdamW8bit"
