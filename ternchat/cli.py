@@ -220,6 +220,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from ternchat.plan import format_plan, measure_cpu, parse_bytes, plan_memory
+
+    cfg = _config(args)
+    vocab = cfg.tokenizer.vocab_size
+    budget = parse_bytes(args.gpu_mem) if args.gpu_mem else None
+    device = "cpu" if args.measure else "cuda"
+    plan = plan_memory(cfg, vocab, args.micro_batch, budget, args.gpus, args.activation_checkpointing, device)
+    title = f"{args.config or 'tiny_cpu (built-in)'}" + (" with activation checkpointing (not yet in the trainer)"
+                                                         if args.activation_checkpointing else "")
+    print(format_plan(plan, title, args.gpus))
+    if args.measure:
+        measured = measure_cpu(cfg, vocab, plan.micro_batch)
+        peak, rss = measured["tensor_peak"], measured["rss_added"]
+        print(f"\nmeasured on this CPU: peak tensor bytes {peak / 2**30:,.3f} GiB (planned {plan.total / 2**30:,.3f}, "
+              f"{100 * (plan.total - peak) / peak:+.1f}%); peak RSS added {rss / 2**30:,.3f} GiB "
+              f"(planned {100 * (plan.total - rss) / rss:+.1f}%: RSS also holds the C allocator's cache)")
+    return 0
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--run-dir", metavar="DIR", help="run folder (default: runs/<train.run_name>)")
@@ -328,6 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="parallel sandboxes (default: all cores)")
     p.add_argument("--out", type=Path, help="report folder")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plan", help="memory plan per device: weights, gradients, optimizer state, activations",
+                       description="Estimate the bytes a training run needs per device and whether it fits; "
+                                   "--measure checks the estimate against a real run on this CPU.")
+    _add_config_args(p)
+    p.add_argument("--gpus", type=int, default=1, help="devices (data parallel)")
+    p.add_argument("--gpu-mem", metavar="SIZE", help="memory per device, e.g. 24GiB")
+    p.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default: train.batch_size)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="plan with activation checkpointing (the trainer does not do it yet)")
+    p.add_argument("--measure", action="store_true", help="also run two steps on this CPU and compare (small models)")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("config", help="print the resolved config, or all keys with --keys",
                        description="Load and validate a config (with --set overrides) and print it as TOML.")

@@ -53,10 +53,12 @@ class BitLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        # Quantize in fp32 even under autocast, so the ternary grid does not depend on the dtype.
-        x_q = ste(x, quantize_activation(x.float()).to(x.dtype))
-        w_q = ste(w, quantize_weight(w.float()).to(w.dtype))
-        return F.linear(x_q, w_q)
+        # Quantize in fp32 even under autocast, so the ternary grid does not depend on the dtype; the
+        # rounding has no gradient, so it is computed outside autograd and joined by the STE.
+        with torch.no_grad():
+            x_quant = quantize_activation(x.float()).to(x.dtype)
+            w_quant = quantize_weight(w.float()).to(w.dtype)
+        return F.linear(ste(x, x_quant), ste(w, w_quant))
 
 
 class TernaryLinear(nn.Module):
