@@ -155,6 +155,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "optim":
+        from ternchat.bench.optim_bench import bench_optim, format_report
+
+        report = bench_optim(args.config, args.overrides, args.optim_steps, args.out_dir)
+        print(format_report(report))
+        print(f"loss curves: {args.out_dir / 'optim_loss.png'}")
+        return 0
     if args.what == "eval":
         from ternchat.bench.eval_bench import bench_eval, format_result
 
@@ -316,8 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dense bf16 compiled (b) and ternchat's ternary Muon model (c), eager and "
                                    "compiled, at the config's shape, with ratios. bench eval: evaluations/s of "
                                    "the sandboxed HumanEval-Rust harness against plain one-at-a-time rustc.")
-    p.add_argument("what", choices=["train", "eval"],
-                   help="train: training throughput and memory; eval: sandboxed compile+run evaluations per second")
+    p.add_argument("what", choices=["train", "eval", "optim"],
+                   help="train: training throughput and memory; eval: sandboxed compile+run evaluations per second; "
+                        "optim: the memory-efficient optimizers against Muon and AdamW")
+    p.add_argument("--optim-steps", type=int, default=100, help="optim: training steps per optimizer")
+    p.add_argument("--out-dir", type=Path, default=Path("bench_optim"), help="optim: folder for JSON and PNG")
     _add_config_args(p)
     p.add_argument("--problems", default="rust_basics", help="eval: problem set (rust_basics, hf or a file)")
     p.add_argument("--workers", type=int, default=0, help="eval: parallel sandboxes (default: all cores)")

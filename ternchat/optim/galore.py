@@ -5,7 +5,8 @@ matrix gradient G (m x n) it projects from the smaller side, R = P^T G with P (m
 else R = G Q with Q (n x r), runs the base optimizer on R, and projects the update back. GaLore 2
 (arXiv:2504.20437) refreshes the projector every `update_freq` steps with a **randomized SVD**
 (Halko et al. 2011: a Gaussian range finder with `oversample` extra columns and `power_iters`
-power iterations, QR-orthonormalized, then an exact SVD of the small core) instead of a full SVD.
+power iterations, QR-orthonormalized, then the small core's left singular vectors from the
+eigendecomposition of core core^T) instead of a full SVD.
 
 With a Muon base this module implements GUM (Pan et al. 2025, arXiv:2510.17802), the unbiased
 scheme: every period each matrix is drawn for a full-rank update with probability q. A low-rank
@@ -40,8 +41,9 @@ def randomized_svd_basis(g: torch.Tensor, rank: int, oversample: int = 8, power_
         y, _ = torch.linalg.qr(y)
         y = g @ (g.T @ y)
     q, _ = torch.linalg.qr(y)
-    u_small, _, _ = torch.linalg.svd(q.T @ g, full_matrices=False)
-    return (q @ u_small)[:, :rank]
+    core = q.T @ g  # k x n; its left singular vectors are the eigenvectors of core core^T (k x k)
+    _, u_small = torch.linalg.eigh(core @ core.T)
+    return q @ u_small.flip(-1)[:, :rank]  # eigh sorts ascending
 
 
 class _Projector:
