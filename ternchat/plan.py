@@ -66,6 +66,7 @@ class Plan:
     budget: int | None
     micro_batch: int
     largest_micro_batch: int | None
+    smallest_total: float  # micro-batch 1
 
     @property
     def total(self) -> float:
@@ -116,7 +117,7 @@ def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gp
             if sum(components(b).values()) > gpu_mem:
                 break
             best = b
-    return Plan(components(batch), gpu_mem, batch, best)
+    return Plan(components(batch), gpu_mem, batch, best, sum(components(1).values()))
 
 
 def format_plan(plan: Plan, title: str, gpus: int) -> str:
@@ -127,8 +128,14 @@ def format_plan(plan: Plan, title: str, gpus: int) -> str:
     lines.append(f"| **total** (micro-batch {plan.micro_batch}) | **{plan.total / gib:,.2f}** |")
     if plan.budget is not None:
         verdict = "fits" if plan.fits else "does NOT fit"
-        largest = (f"largest micro-batch that fits: {plan.largest_micro_batch}" if plan.largest_micro_batch
-                   else "no micro-batch fits: the weights, gradients and optimizer state alone exceed it")
+        fixed = sum(plan.components[k] for k in ("weights (fp32 latent)", "gradients (fp32)", "optimizer state"))
+        if plan.largest_micro_batch:
+            largest = f"largest micro-batch that fits: {plan.largest_micro_batch}"
+        elif fixed > plan.budget:
+            largest = (f"no micro-batch fits: weights, gradients and optimizer state alone take {fixed / gib:,.1f} "
+                       "GiB")
+        else:
+            largest = f"no micro-batch fits: micro-batch 1 needs {plan.smallest_total / gib:,.1f} GiB"
         lines.append(f"\nverdict: {verdict} in {plan.budget / gib:,.1f} GiB; {largest}")
     return "\n".join(lines)
 

@@ -163,3 +163,29 @@ def test_8bit_adamw_uses_bitsandbytes_or_says_why():
         assert type(opt.optimizers[1]) is torch.optim.AdamW
     else:
         assert type(opt.optimizers[1]).__name__ == "AdamW8bit"
+
+
+def test_gum_draws_each_matrix_independently():
+    params = [torch.nn.Parameter(torch.randn(32, 64)) for _ in range(40)]
+    opt = GUM(params, rank=4, min_dim=8, update_freq=1, full_rank_prob=0.5)
+    draws = []
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        draws.append([opt.state[p]["full_rank"] for p in params])
+    assert all(5 < sum(d) < 35 for d in draws)  # about half of the matrices, not all or none
+    assert draws[0] != draws[1] != draws[2]  # and new draws each period
+
+
+def test_stochastic_rounding_noise_changes_with_step_and_slot():
+    from ternchat.optim.quant8 import StateCodec
+    codec = StateCodec(8, 128, stochastic=True, seed=0)
+    x = torch.rand(4096) * 0.01 + 0.5
+    codes = []
+    for step, slot in ((1, 0), (2, 0), (1, 1), (1, 0)):
+        state = {}
+        codec.store(state, "m", x, step, slot)
+        codes.append(state["m_q"])
+    assert not torch.equal(codes[0], codes[1]) and not torch.equal(codes[0], codes[2])
+    assert torch.equal(codes[0], codes[3])

@@ -23,11 +23,7 @@ from __future__ import annotations
 import torch
 
 from ternchat.optim.muon import newton_schulz
-from ternchat.optim.quant8 import StateCodec
-
-
-def _generator(seed: int, *parts: int) -> torch.Generator:
-    return torch.Generator().manual_seed(hash((seed, *parts)) & (2**62))
+from ternchat.optim.quant8 import StateCodec, seeded_generator
 
 
 def randomized_svd_basis(g: torch.Tensor, rank: int, oversample: int = 8, power_iters: int = 2,
@@ -81,7 +77,7 @@ class _LowRankBase(torch.optim.Optimizer):
         state = self.state[p]
         period = (step - 1) // self.update_freq
         if state.get("period") != period:
-            gen = _generator(self.seed, period, self._index[p])
+            gen = seeded_generator(self.seed, period, self._index[p])
             proj = _Projector.fit(g.float(), self.rank, self.oversample, self.power_iters, gen)
             state["period"], state["basis"], state["left"] = period, proj.basis, proj.left
             return proj, True
@@ -154,7 +150,8 @@ class GUM(_LowRankBase):
                     q = self.q if self.rank < min(p.shape) else 0.0
                     proj, fresh = self._projector(p, g, step)
                     if fresh:
-                        draw = torch.rand((), generator=_generator(self.seed, state["period"], self._index[p], 1))
+                        gen = seeded_generator(self.seed, state["period"], self._index[p], 1)
+                        draw = torch.rand((), generator=gen)
                         state["full_rank"] = bool(draw < q)
                         self.codec.drop(state, "momentum")
                     if state["full_rank"]:

@@ -12,6 +12,11 @@ from __future__ import annotations
 import torch
 
 
+def seeded_generator(*parts: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded by a tuple of ints: the same parts give the same stream in any process."""
+    return torch.Generator(device=device).manual_seed(hash(tuple(parts)) & ((1 << 62) - 1))
+
+
 def quantize_blockwise(x: torch.Tensor, block_size: int, stochastic: bool = False,
                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 codes with x's shape, fp32 absmax per block)."""
@@ -66,7 +71,7 @@ class StateCodec:
             return
         generator = None
         if self.stochastic:
-            generator = torch.Generator(device=value.device).manual_seed(hash((self.seed, step, slot)) & (2**62))
+            generator = seeded_generator(self.seed, step, slot, device=value.device)
         state[key + "_q"], state[key + "_absmax"] = quantize_blockwise(value, self.block_size, self.stochastic,
                                                                        generator)
 
