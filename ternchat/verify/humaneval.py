@@ -51,7 +51,7 @@ def load_problems(source: str | Path = SHIPPED) -> list[Problem]:
         return [_problem(dict(row)) for row in datasets.load_dataset("nuprl/MultiPL-E", "humaneval-rs", split="test")]
     path = Path(source)
     text = path.read_text(encoding="utf-8")
-    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(r) for r in text.splitlines() if r.strip()]
     return [_problem(row) for row in rows]
 
 
