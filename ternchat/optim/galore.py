@@ -69,6 +69,15 @@ class _LowRankBase(torch.optim.Optimizer):
         self.oversample, self.power_iters, self.seed = oversample, power_iters, seed
         self._index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
+    def _gradients(self):
+        """(group, parameter, its state, its step count, fp32 gradient) for each parameter with a gradient."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    state = self.state[p]
+                    state["step"] = state.get("step", 0) + 1
+                    yield group, p, state, state["step"], p.grad.float()
+
     def uses_galore(self, p: torch.Tensor) -> bool:
         return p.ndim == 2 and min(p.shape) >= self.min_dim and self.rank <= min(p.shape)
 
@@ -96,29 +105,23 @@ class GaLoreAdamW(_LowRankBase):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
+        for group, p, state, step, g in self._gradients():
             (b1, b2), eps, lr, wd = group["betas"], group["eps"], group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                state["step"] = step = state.get("step", 0) + 1
-                g = p.grad.float()
-                galore = self.uses_galore(p)
-                if galore:
-                    proj, fresh = self._projector(p, g, step)
-                    g = proj.down(g)
-                    if fresh:  # moments live in the old subspace's coordinates: start again
-                        state.pop("exp_avg", None), state.pop("exp_avg_sq", None)
-                m = state.setdefault("exp_avg", torch.zeros_like(g))
-                v = state.setdefault("exp_avg_sq", torch.zeros_like(g))
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                update = (m / (1 - b1 ** step)) / ((v / (1 - b2 ** step)).sqrt() + eps)
-                if galore:
-                    update = proj.up(update) * self.scale
-                p.mul_(1 - lr * wd)
-                p.add_(update.to(p.dtype), alpha=-lr)
+            galore = self.uses_galore(p)
+            if galore:
+                proj, fresh = self._projector(p, g, step)
+                g = proj.down(g)
+                if fresh:  # moments live in the old subspace's coordinates: start again
+                    state.pop("exp_avg", None), state.pop("exp_avg_sq", None)
+            m = state.setdefault("exp_avg", torch.zeros_like(g))
+            v = state.setdefault("exp_avg_sq", torch.zeros_like(g))
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            update = (m / (1 - b1 ** step)) / ((v / (1 - b2 ** step)).sqrt() + eps)
+            if galore:
+                update = proj.up(update) * self.scale
+            p.mul_(1 - lr * wd)
+            p.add_(update.to(p.dtype), alpha=-lr)
 
 
 class GUM(_LowRankBase):
@@ -137,33 +140,25 @@ class GUM(_LowRankBase):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
+        for group, p, state, step, g in self._gradients():
             beta, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                state["step"] = step = state.get("step", 0) + 1
-                g = p.grad.float()
-                if self.uses_galore(p):
-                    # At full rank there is no complement to debias: never draw the full-rank branch.
-                    q = self.q if self.rank < min(p.shape) else 0.0
-                    proj, fresh = self._projector(p, g, step)
-                    if fresh:
-                        gen = seeded_generator(self.seed, state["period"], self._index[p], 1)
-                        draw = torch.rand((), generator=gen)
-                        state["full_rank"] = bool(draw < q)
-                        self.codec.drop(state, "momentum")
-                    if state["full_rank"]:
-                        g = (g - proj.up(proj.down(g))) / q
-                    else:
-                        g = proj.down(g) / (1 - q)
-                buf = self.codec.load(state, "momentum", g)
-                buf.mul_(beta).add_(g)
-                self.codec.store(state, "momentum", buf, step, self._index[p])
-                update = newton_schulz(buf, group["ns_steps"]).float()
-                if self.uses_galore(p) and not state["full_rank"]:
-                    update = proj.up(update)
-                update *= max(1.0, p.shape[0] / p.shape[1]) ** 0.5
-                p.mul_(1 - lr * wd)
-                p.add_(update.to(p.dtype), alpha=-lr)
+            low_rank = False
+            if self.uses_galore(p):
+                # At full rank there is no complement to debias: never draw the full-rank branch.
+                q = self.q if self.rank < min(p.shape) else 0.0
+                proj, fresh = self._projector(p, g, step)
+                if fresh:
+                    draw = torch.rand((), generator=seeded_generator(self.seed, state["period"], self._index[p], 1))
+                    state["full_rank"] = bool(draw < q)
+                    self.codec.drop(state, "momentum")
+                low_rank = not state["full_rank"]
+                g = proj.down(g) / (1 - q) if low_rank else (g - proj.up(proj.down(g))) / q
+            buf = self.codec.load(state, "momentum", g)
+            buf.mul_(beta).add_(g)
+            self.codec.store(state, "momentum", buf, step, self._index[p])
+            update = newton_schulz(buf, group["ns_steps"]).float()
+            if low_rank:
+                update = proj.up(update)
+            update *= max(1.0, p.shape[0] / p.shape[1]) ** 0.5
+            p.mul_(1 - lr * wd)
+            p.add_(update.to(p.dtype), alpha=-lr)
