@@ -138,11 +138,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from ternchat.export.packed import export_packed
-    from ternchat.runs import load_run_model
-    from ternchat.data.tokenizer import Tokenizer
+    from ternchat.runs import load_model_and_tokenizer
 
-    model = load_run_model(args.run)
-    tok = Tokenizer.load(args.run / "tokenizer")
+    if not args.run.is_dir():
+        raise DataError(f"--run {args.run}: export takes a run folder")
+    model, tok = load_model_and_tokenizer(args.run)
     out = args.out or args.run / "model_packed.safetensors"
     dtype = torch.bfloat16 if args.float_dtype == "bf16" else torch.float32
     sizes = export_packed(model, out, tok.hash, dtype)

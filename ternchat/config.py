@@ -10,8 +10,6 @@ The defaults are the `configs/tiny_cpu.toml` preset.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -158,11 +156,6 @@ class Config:
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
-
-    def section_hash(self, *sections: str) -> str:
-        """Stable hash of the named sections, used to key data caches."""
-        payload = {name: dataclasses.asdict(getattr(self, name)) for name in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)

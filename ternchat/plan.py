@@ -140,13 +140,6 @@ def format_plan(plan: Plan, title: str, gpus: int) -> str:
     return "\n".join(lines)
 
 
-def _status_kib(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise OSError(f"{field} not in /proc/self/status")
-
-
 def measure_cpu(cfg: Config, vocab_size: int, micro_batch: int) -> dict[str, int]:
     """Measure a real training step of the config's model on this CPU.
 
@@ -161,9 +154,9 @@ def measure_cpu(cfg: Config, vocab_size: int, micro_batch: int) -> dict[str, int
 
     from ternchat.model.gpt import GPT
     from ternchat.optim.factory import build_optimizer
-    from ternchat.train.trainer import autocast_for
+    from ternchat.train.trainer import autocast_for, proc_status_bytes
 
-    before = _status_kib("VmRSS")
+    before = proc_status_bytes("VmRSS") or 0
     torch.manual_seed(0)
     model = GPT(GPTShape.from_config(cfg.model, vocab_size))
     optimizer = build_optimizer(model, cfg.optim)
@@ -187,4 +180,4 @@ def measure_cpu(cfg: Config, vocab_size: int, micro_batch: int) -> dict[str, int
     for _, nbytes in allocations:
         current += nbytes
         peak = max(peak, current)
-    return {"tensor_peak": live + peak, "rss_added": _status_kib("VmHWM") - before}
+    return {"tensor_peak": live + peak, "rss_added": (proc_status_bytes("VmHWM") or 0) - before}

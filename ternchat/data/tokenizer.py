@@ -138,9 +138,6 @@ class Tokenizer:
         threads = num_threads if num_threads > 0 else (os.cpu_count() or 1)
         return self.enc.encode_ordinary_batch(list(texts), num_threads=threads)
 
-    def encode_document(self, text: str) -> list[int]:
-        return [self.bos_id, *self.encode(text), self.eod_id]
-
     def decode(self, ids: Sequence[int]) -> str:
         return self.enc.decode(list(ids))
 

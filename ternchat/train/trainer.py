@@ -28,7 +28,7 @@ from ternchat.data.pipeline import prepare_data
 from ternchat.data.shards import shard_paths
 from ternchat.data.tokenizer import Tokenizer
 from ternchat.eval.bpb import evaluate_bpb
-from ternchat.eval.engine import generate
+from ternchat.eval.engine import complete
 from ternchat.model.bitlinear import to_inference
 from ternchat.model.gpt import GPT, GPTShape
 from ternchat.optim.factory import build_optimizer
@@ -66,17 +66,24 @@ def autocast_for(dtype: str, device: torch.device) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, ...) in bytes, or None off Linux."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """CUDA: peak allocated bytes. CPU: this process's peak resident set size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:  # VmHWM belongs to this process image; ru_maxrss would include a forking parent's peak
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    # VmHWM belongs to this process image; ru_maxrss would include a forking parent's peak.
+    peak = proc_status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def compile_if_possible(model: torch.nn.Module, device: torch.device, log) -> torch.nn.Module:
@@ -88,11 +95,8 @@ def compile_if_possible(model: torch.nn.Module, device: torch.device, log) -> to
 
 
 def write_samples(model: GPT, tok: Tokenizer, path: Path, max_tokens: int, seed: int) -> list[dict]:
-    samples = []
-    for prompt in SAMPLE_PROMPTS:
-        ids = list(generate(model, tok.encode(prompt), max_tokens, temperature=0.8, top_k=50, seed=seed,
-                            stop_ids=[tok.eod_id]))
-        samples.append({"prompt": prompt, "completion": tok.decode(ids)})
+    samples = [{"prompt": prompt, "completion": complete(model, tok, prompt, max_tokens, temperature=0.8, seed=seed)}
+               for prompt in SAMPLE_PROMPTS]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"### prompt\n```rust\n{s['prompt']}\n```\n### completion\n```rust\n"
                             f"{s['prompt']}{s['completion']}\n```\n\n" for s in samples))
@@ -130,6 +134,7 @@ class Trainer:
         self.forward = compile_if_possible(self.model, self.device, log) if t.compile else self.model
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.step, self.max_steps, self.tokens_seen, self.elapsed = 0, t.max_steps, 0, 0.0
+        self._inference: tuple[int | None, GPT | None] = (None, None)
         if checkpoint is not None:
             self._resume(checkpoint)
         else:
@@ -182,12 +187,14 @@ class Trainer:
         return evaluate_bpb(self.model, loader, self.token_bytes, self.cfg.eval.val_batches, self.autocast)
 
     def inference_model(self) -> GPT:
-        """A copy with fixed ternary codes: same logits, no weight re-quantization per generated token."""
-        return to_inference(copy.deepcopy(self.model)).eval()
+        """A copy with fixed ternary codes: same logits, no weight re-quantization per generated token.
+        Made once per step, so end-of-run samples and the Rust-problem eval share it."""
+        if self._inference[0] != self.step:
+            self._inference = (self.step, to_inference(copy.deepcopy(self.model)).eval())
+        return self._inference[1]
 
     def rust_problems_eval(self) -> dict:
         """Compile rate and pass@1 of greedy completions of the shipped Rust problems, in the sandbox."""
-        from ternchat.eval.engine import complete
         from ternchat.verify.humaneval import load_problems, score
         from ternchat.verify.metrics import summarize
         from ternchat.verify.sandbox import RustcMissing
