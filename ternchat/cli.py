@@ -16,7 +16,7 @@ from ternchat import __version__
 from ternchat.config import SECTIONS, Config, ConfigError, describe, load_config
 from ternchat.data.errors import DataError
 from ternchat.train.errors import RunError
-from ternchat.verify.sandbox import RustcMissing
+from ternchat.verify.sandbox import SandboxUnavailable
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -66,9 +66,12 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.step == "verify":
         from ternchat.paths import ternchat_home
         from ternchat.verify.checked_data import verify_corpus
+        from ternchat.verify.sandbox import Limits, checked_isolation
 
+        limits = Limits(allow_unisolated=args.allow_unisolated or cfg.eval.allow_unisolated)
+        checked_isolation(limits)
         art = prepare_data(cfg, until="corpus", force=args.force)
-        counts = verify_corpus(art.corpus_dir, ternchat_home() / "verify", args.limit)
+        counts = verify_corpus(art.corpus_dir, ternchat_home() / "verify", args.limit, limits=limits)
         print(f"compile tags of {counts['files']} files ({counts['checked_now']} checked now): "
               + ", ".join(f"{tag} {counts[tag]}" for tag in ("compiles", "parses", "syntax_error", "unchecked"))
               + f" -> {art.corpus_dir / 'compile_tags.jsonl'}")
@@ -87,10 +90,14 @@ def _print_result(result: dict) -> None:
         print(f"final val loss {result['val_loss']:.4f}, val bits per byte {result['val_bpb']:.4f}")
 
 
+def _run_overrides(args: argparse.Namespace) -> list[str]:
+    return [*args.overrides, *(["eval.allow_unisolated=true"] if args.allow_unisolated else [])]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from ternchat.train.trainer import resolve_run, train
 
-    cfg, run_dir = resolve_run(args.config, args.overrides, args.run_dir, args.resume)
+    cfg, run_dir = resolve_run(args.config, _run_overrides(args), args.run_dir, args.resume)
     _print_result(train(cfg, run_dir, args.resume))
     return 0
 
@@ -99,7 +106,7 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
     from ternchat.train.report import write_report
     from ternchat.train.trainer import resolve_run, train
 
-    cfg, run_dir = resolve_run(args.config, args.overrides, args.run_dir, args.resume)
+    cfg, run_dir = resolve_run(args.config, _run_overrides(args), args.run_dir, args.resume)
     result = train(cfg, run_dir, args.resume)
     _print_result(result)
     print(f"report: {write_report(run_dir, cfg, result, result['samples'])}")
@@ -162,10 +169,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(format_report(report))
         print(f"loss curves: {args.out_dir / 'optim_loss.png'}")
         return 0
+    if args.what == "dedup":
+        from ternchat.bench.dedup_bench import bench_dedup, format_dedup
+        from ternchat.data.pipeline import prepare_data
+
+        cfg = _config(args)
+        corpus = prepare_data(cfg, until="corpus").corpus_dir
+        result = bench_dedup(corpus, cfg.data.minhash_perms, cfg.data.near_dup_threshold)
+        print(format_dedup(result))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+        return 0
+    if args.what == "sweep":
+        from ternchat.bench.sweep import bench_sweep, format_sweep, parse_grid
+
+        if not args.grid:
+            raise ConfigError("bench sweep needs at least one --grid section.key=value1,value2,...")
+        report = bench_sweep(args.config, args.overrides, parse_grid(args.grid), args.optim_steps)
+        print(format_sweep(report))
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+        return 0
     if args.what == "eval":
         from ternchat.bench.eval_bench import bench_eval, format_result
 
-        result = bench_eval(args.problems, args.workers, args.baseline_problems)
+        result = bench_eval(args.problems, args.workers, args.baseline_problems, args.allow_unisolated)
         print(format_result(result))
         if args.out:
             args.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -195,15 +223,20 @@ def _read_completions(path: Path) -> dict[str, list[str]]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ternchat.verify.humaneval import load_problems, score
+    from ternchat.verify.humaneval import load_problems, references, score
     from ternchat.verify.metrics import summarize, write_reports
-    from ternchat.verify.sandbox import isolation
+    from ternchat.verify.sandbox import Limits, checked_isolation
 
+    limits = Limits(allow_unisolated=args.allow_unisolated)
+    iso = checked_isolation(limits)  # refuse before spending time on generation
     problems = load_problems(args.problems)
     ks = [int(k) for k in args.k.split(",")]
     if args.completions:
         completions = _read_completions(args.completions)
         out = args.out or Path("eval") / args.completions.stem
+    elif args.run is None:  # score the problems' own canonical solutions: does the dataset check out?
+        completions = references(problems)
+        out = args.out or Path("eval") / f"{Path(str(args.problems)).stem}_canonical"
     else:
         from ternchat.eval.engine import complete
         from ternchat.runs import load_model_and_tokenizer
@@ -215,9 +248,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             completions[p.name] = [complete(model, tok, p.prompt, args.max_tokens, p.stop_tokens,
                                             temperature=temperature, seed=args.seed + i) for i in range(args.samples)]
         out = args.out or Path(args.run if args.run.is_dir() else args.run.parent) / "eval_humaneval_rust"
-    print(f"sandbox: {isolation().describe()}")
+    print(f"sandbox: {iso.describe()}")
     bar = tqdm(total=sum(len(v) for v in completions.values()), desc="compile+run", unit="sample")
-    results = score(problems, completions, workers=args.workers, progress=bar.update)
+    results = score(problems, completions, workers=args.workers, limits=limits, progress=bar.update,
+                    cut=args.run is not None or args.completions is not None)
     bar.close()
     summary = summarize(results, ks)
     write_reports(results, summary, out, f"HumanEval-Rust ({args.problems})")
@@ -228,16 +262,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from ternchat.plan import format_plan, measure_cpu, parse_bytes, plan_memory
+    from ternchat.config import parse_bytes
+    from ternchat.plan import format_plan, measure_cpu, plan_memory
 
     cfg = _config(args)
     vocab = cfg.tokenizer.vocab_size
-    budget = parse_bytes(args.gpu_mem) if args.gpu_mem else None
+    hw = cfg.hardware
+    gpus = args.gpus or hw.gpus
+    memory = args.gpu_mem or hw.gpu_memory
+    try:
+        budget = parse_bytes(memory) if memory else None
+    except ValueError as e:
+        raise ConfigError(f"--gpu-mem: {e}") from None
     device = "cpu" if args.measure else "cuda"
-    plan = plan_memory(cfg, vocab, args.micro_batch, budget, args.gpus, args.activation_checkpointing, device)
-    title = f"{args.config or 'tiny_cpu (built-in)'}" + (" with activation checkpointing (not yet in the trainer)"
-                                                         if args.activation_checkpointing else "")
-    print(format_plan(plan, title, args.gpus))
+    plan = plan_memory(cfg, vocab, args.micro_batch, budget, gpus, args.activation_checkpointing, device)
+    title = (f"{args.config or 'tiny_cpu (built-in)'}" + (f" on {hw.name}" if hw.name and not args.gpu_mem else "")
+             + (" with activation checkpointing (not yet in the trainer)" if args.activation_checkpointing else ""))
+    print(format_plan(plan, title, gpus))
     if args.measure:
         measured = measure_cpu(cfg, vocab, plan.micro_batch)
         peak, rss = measured["tensor_peak"], measured["rss_added"]
@@ -247,10 +288,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_unisolated_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-unisolated", action="store_true",
+                   help="compile and run untrusted Rust even where bubblewrap's namespaces are unavailable: the "
+                        "programs can then read this user's files and reach the network (default: refuse)")
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--run-dir", metavar="DIR", help="run folder (default: runs/<train.run_name>)")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    _add_unisolated_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action="store_true", help="report tokenizer bytes/token on val and encode MB/s")
     p.add_argument("--force", action="store_true", help="rebuild the steps even if their inputs are unchanged")
     p.add_argument("--limit", type=int, default=0, metavar="N", help="verify: only the first N files of each split")
+    _add_unisolated_arg(p)
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("train", help="train a model (builds the data first if needed)",
@@ -322,11 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="bench train: tokens/s and peak memory of a dense fp32 AdamW baseline (a), "
                                    "dense bf16 compiled (b) and ternchat's ternary Muon model (c), eager and "
                                    "compiled, at the config's shape, with ratios. bench eval: evaluations/s of "
-                                   "the sandboxed HumanEval-Rust harness against plain one-at-a-time rustc.")
-    p.add_argument("what", choices=["train", "eval", "optim"],
+                                   "the sandboxed HumanEval-Rust harness against plain one-at-a-time rustc. "
+                                   "bench optim: seven optimizer setups on the same model, seed and batches. "
+                                   "bench sweep: the same for each point of a grid of config values. bench dedup: "
+                                   "near-duplicate sketches, rensa against datasketch (if installed).")
+    p.add_argument("what", choices=["train", "eval", "optim", "sweep", "dedup"],
                    help="train: training throughput and memory; eval: sandboxed compile+run evaluations per second; "
-                        "optim: the memory-efficient optimizers against Muon and AdamW")
-    p.add_argument("--optim-steps", type=int, default=100, help="optim: training steps per optimizer")
+                        "optim: the memory-efficient optimizers against Muon and AdamW; sweep: validation loss "
+                        "over a grid of config values; dedup: rensa's MinHash against datasketch's on the corpus")
+    p.add_argument("--optim-steps", type=int, default=100, help="optim, sweep: training steps per run")
+    p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
+                   help="sweep: values to try for one key (repeatable; the runs cover every combination)")
     p.add_argument("--out-dir", type=Path, default=Path("bench_optim"), help="optim: folder for JSON and PNG")
     _add_config_args(p)
     p.add_argument("--problems", default="rust_basics", help="eval: problem set (rust_basics, hf or a file)")
@@ -337,19 +392,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (compilation)")
     p.add_argument("--out", type=Path, help="also write the measurements as JSON")
+    _add_unisolated_arg(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="compiler-verified evaluation (HumanEval-Rust pass@k)",
-                       description="humaneval-rust: generate completions with a trained model (--run) or read "
-                                   "them (--completions), compile and run each in the rustc sandbox, and report "
-                                   "pass@k, compile rate, semantic correctness and rustc error codes.")
+                       description="humaneval-rust: generate completions with a trained model (--run), read "
+                                   "them (--completions) or take the problems' canonical solutions (neither), "
+                                   "compile and run each in the rustc sandbox, and report pass@k, compile rate, "
+                                   "semantic correctness and rustc error codes.")
     p.add_argument("what", choices=["humaneval-rust"])
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()
     source.add_argument("--run", type=Path, metavar="PATH", help="run folder or packed model to sample from")
     source.add_argument("--completions", type=Path, metavar="FILE",
-                        help='JSONL of {"name", "completion"} or {"name", "completions": [...]}')
+                        help='JSONL of {"name", "completion"} or {"name", "completions": [...]} ("name" is the '
+                             "task_id in the test-module layout); with neither --run nor --completions the "
+                             "problems' canonical solutions are scored")
     p.add_argument("--problems", default="rust_basics",
-                   help="rust_basics (shipped), hf (nuprl/MultiPL-E humaneval-rs), or a JSON/JSONL file")
+                   help="rust_basics (shipped), hf (nuprl/MultiPL-E humaneval-rs), or a JSON/JSONL file in "
+                        "MultiPL-E's layout (name, prompt, tests) or the test-module layout (task_id, prompt, "
+                        "canonical_solution, test with #[test] functions, entry_point, optional edition)")
     p.add_argument("--samples", type=int, default=1, help="completions per problem")
     p.add_argument("--k", default="1", help="comma-separated k of pass@k, e.g. 1,10")
     p.add_argument("--temperature", type=float, default=None, help="default: greedy for 1 sample, else 0.2")
@@ -357,14 +418,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="parallel sandboxes (default: all cores)")
     p.add_argument("--out", type=Path, help="report folder")
+    _add_unisolated_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plan", help="memory plan per device: weights, gradients, optimizer state, activations",
                        description="Estimate the bytes a training run needs per device and whether it fits; "
                                    "--measure checks the estimate against a real run on this CPU.")
     _add_config_args(p)
-    p.add_argument("--gpus", type=int, default=1, help="devices (data parallel)")
-    p.add_argument("--gpu-mem", metavar="SIZE", help="memory per device, e.g. 24GiB")
+    p.add_argument("--gpus", type=int, help="devices (data parallel; default: the config's hardware.gpus)")
+    p.add_argument("--gpu-mem", metavar="SIZE",
+                   help="memory per device, e.g. 24GiB (default: the config's hardware.gpu_memory)")
     p.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default: train.batch_size)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="plan with activation checkpointing (the trainer does not do it yet)")
@@ -386,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ternchat: config error: {e}", file=sys.stderr)
         return 2
-    except (DataError, RunError, RustcMissing) as e:
+    except (DataError, RunError, SandboxUnavailable) as e:
         print(f"ternchat: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ The defaults are the `configs/tiny_cpu.toml` preset.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -101,9 +102,11 @@ class OptimConfig:
     galore_min_dim: int = _field(256, min=1, doc="project only matrices whose smaller side is at least this")
     galore_oversample: int = _field(8, min=0, doc="randomized SVD oversampling columns")
     galore_power_iters: int = _field(2, min=0, max=10, doc="randomized SVD power iterations")
-    gum_full_rank_prob: float = _field(0.1, min=0.001, max=0.999, doc="GUM's q: chance a matrix takes a "
-                                                                         "full-rank complement update in a period")
+    gum_full_rank_layers: int = _field(1, min=1, doc="GUM's gamma: transformer blocks drawn each period (without "
+                                                        "replacement) for a full-rank step; q = gamma / depth")
     foam_level: int = _field(3, min=0, max=12, doc="FOAM fold level l: moments kept as means over 2^l entries")
+    foam_scale: float = _field(0.25, min=0.0, doc="FOAM's update scale for the block matrices (the official "
+                                                   "scripts' 0.25)")
     foam_embed_head: bool = _field(False, doc="also use FOAM for the embedding and the head")
     adamw_8bit: bool = _field(False, doc="8-bit AdamW (bitsandbytes) for the embedding and the head")
     seed: int = _field(0, min=0, doc="seed of the optimizers' randomness (sketches, draws, rounding)")
@@ -139,7 +142,19 @@ class EvalConfig:
     sample_every: int = _field(0, min=0, doc="steps between samples; 0 = only at the end")
     sample_tokens: int = _field(128, min=1, doc="tokens per sample")
     rust_problems: bool = _field(True, doc="after training, score one greedy completion per shipped Rust problem "
-                                           "in the rustc sandbox: compile rate and pass@1 (skipped without rustc)")
+                                           "in the rustc sandbox: compile rate and pass@1 (skipped without rustc "
+                                           "or bubblewrap)")
+    allow_unisolated: bool = _field(False, doc="run model-written Rust even without bubblewrap's namespaces (the "
+                                               "programs can then read host files and reach the network)")
+
+
+@dataclass
+class HardwareConfig:
+    """[hardware]: the machine a config is meant for; `ternchat plan` checks the run against it."""
+
+    name: str = _field("", doc="the machine in words, for the plan's title")
+    gpus: int = _field(1, min=1, doc="GPUs, one rank each")
+    gpu_memory: str = _field("", doc="memory per GPU, e.g. '24GiB' or '96GB'; empty = not declared")
 
 
 @dataclass
@@ -150,6 +165,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -213,6 +229,16 @@ def _apply(cfg: Config, section: str, key: str, value: Any, origin: str) -> None
     setattr(obj, key, value)
 
 
+def parse_bytes(text: str) -> int:
+    """A memory size such as '24GiB', '96 GB' or '512' (bytes)."""
+    match = re.fullmatch(r"\s*([\d.]+)\s*(b|kib|mib|gib|tib|kb|mb|gb|tb)?\s*", text.lower())
+    if not match:
+        raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 24GiB or 96GB")
+    units = {None: 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+             "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+    return int(float(match.group(1)) * units[match.group(2)])
+
+
 def _parse_override(text: str) -> tuple[str, str, Any]:
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError(f"--set expects section.key=value, got {text!r}")
@@ -231,6 +257,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.d_model = {m.d_model} must be divisible by model.n_heads = {m.n_heads}")
     if (m.d_model // m.n_heads) % 2:
         raise ConfigError(f"model head size d_model/n_heads = {m.d_model // m.n_heads} must be even (RoPE)")
+    o = cfg.optim
+    if o.use_galore and o.matrix_optimizer == "muon" and o.gum_full_rank_layers >= m.depth:
+        raise ConfigError(f"optim.gum_full_rank_layers = {o.gum_full_rank_layers} must be less than model.depth = "
+                          f"{m.depth}: GUM draws that many of the blocks each period for a full-rank step")
+    if cfg.hardware.gpu_memory:
+        try:
+            parse_bytes(cfg.hardware.gpu_memory)
+        except ValueError as e:
+            raise ConfigError(f"hardware.gpu_memory: {e}") from None
     if cfg.data.min_file_bytes >= cfg.data.max_file_bytes:
         raise ConfigError("data.min_file_bytes must be smaller than data.max_file_bytes")
 

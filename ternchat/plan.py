@@ -3,61 +3,109 @@
 Components, per device (data parallel replicates all but activations' batch share):
 - latent weights, fp32: 4 bytes per parameter;
 - gradients, fp32: 4 bytes per parameter;
-- optimizer state, by method: Muon 4 B per matrix value (8-bit: 1 + 4/block), GUM the expected
-  (1-q) r max(m,n) + q m n momentum values plus the fp32 projector, GaLore-AdamW two moments of
-  r max(m,n) plus projector, AdamW 8 B (8-bit AdamW 2 B), FOAM 8 / 2^l B;
-- activations saved for backward under bf16 autocast: per token and block 54 d + 12 d_ff +
-  16 heads bytes, per token 10 d + 4 V for embedding, final norm and logits, and a bf16 copy of
-  every matrix (2 B per value). These coefficients were counted with autograd's saved-tensor hooks
-  on this model (`tests/test_plan.py` re-counts them); with activation checkpointing only each
-  block's fp32 input (4 d per token) is kept, plus one block being recomputed;
-- workspace: the logits' gradient (8 V bytes per token), Newton–Schulz temporaries, and on a GPU
-  the CUDA context and allocator slack (1 GiB + 5%).
-The sum is an upper bound: gradients fill in while activations are freed, so they never all
-coexist; measured tensor peaks on CPU came out 0–16% below it.
+- optimizer state, by method: Muon 4 B per matrix value (8-bit: 1 + 4/block), GUM the momentum
+  of the gamma blocks drawn for a full-rank step (m n values per matrix) and of the others
+  (r max(m,n)) plus the fp32 projector, exact since exactly gamma blocks are drawn each period;
+  GaLore-AdamW two moments of r max(m,n) plus projector, AdamW 8 B (8-bit AdamW 2 B, only where
+  bitsandbytes is installed: without it the trainer runs fp32 AdamW and the plan counts that),
+  FOAM 8 / 2^l B;
+- activations saved for backward under bf16 autocast: per token and block 58 d + 12 d_ff +
+  16 heads bytes (the quantized input is saved once for each of q, k and v), per token 10 d + 4 V
+  for embedding, final norm and logits, and a bf16 copy of every matrix (2 B per value). These
+  coefficients were counted with autograd's saved-tensor hooks on this model (`tests/test_plan.py`
+  re-counts them); with activation checkpointing only each block's fp32 input (4 d per token) is
+  kept, plus one block being recomputed;
+- the logits' gradient during backward (8 V bytes per token);
+- the optimizer step's temporaries: for Muon the Newton-Schulz iteration over a stack of
+  same-shape matrices (up to `muon.NS_CHUNK_VALUES` values at once) and the fp32 copies of 8-bit
+  momentum, with coefficients measured on this code (`tests/test_plan.py` re-measures them);
+- on a GPU the CUDA context and allocator slack (1 GiB + 5%).
+The step's temporaries come after backward has freed the activations, so the peak counts the
+larger of the two phases. It is still an upper bound: gradients fill in while activations are
+freed, so they never all coexist; measured tensor peaks on CPU come out below it (docs/memory.md).
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+import importlib.util
+from collections import Counter
+from dataclasses import dataclass, field
 
-from ternchat.config import Config, OptimConfig
+from ternchat.config import Config, OptimConfig, parse_bytes  # noqa: F401  (parse_bytes: part of this API)
 from ternchat.model.gpt import GPTShape
+from ternchat.optim.muon import stack_size
 
 CUDA_CONTEXT = 1 << 30
-
-
-def parse_bytes(text: str) -> int:
-    match = re.fullmatch(r"\s*([\d.]+)\s*(b|kib|mib|gib|tib|kb|mb|gb|tb)?\s*", text.lower())
-    if not match:
-        raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 24GiB or 96GB")
-    units = {None: 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-             "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-    return int(float(match.group(1)) * units[match.group(2)])
+# Peak temporaries of one Newton-Schulz step over a stack of k matrices of m x n (m' = min(m, n)),
+# measured with the profiler on this code's Muon (tests/test_plan.py): bytes per value and per
+# entry of the m' x m' Gram matrices.
+NS_BYTES_PER_VALUE = 16.0
+NS_BYTES_PER_GRAM = 6.0
 
 
 def block_matrices(s: GPTShape) -> list[tuple[int, int]]:
-    """(rows, cols) of every block matrix, as nn.Linear stores them (out, in)."""
-    per_block = [(3 * s.d_model, s.d_model), (s.d_model, s.d_model), (s.d_ff, s.d_model), (s.d_model, s.d_ff)]
+    """(rows, cols) of every block matrix, as nn.Linear stores them (out, in): q, k, v, o, up, down."""
+    per_block = [(s.d_model, s.d_model)] * 4 + [(s.d_ff, s.d_model), (s.d_model, s.d_ff)]
     return per_block * s.depth
 
 
-def matrix_state_bytes(rows: int, cols: int, o: OptimConfig) -> float:
+def adamw_8bit_available() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def gum_full_rank_share(rows: int, cols: int, o: OptimConfig, depth: int) -> float:
+    """Share of the blocks whose copy of this matrix takes GUM's full-rank step in a period: exactly
+    gamma / depth, since exactly gamma blocks are drawn (0 where GUM does not project it below full rank)."""
+    projected = o.use_galore and min(rows, cols) >= o.galore_min_dim and o.galore_rank < min(rows, cols)
+    return o.gum_full_rank_layers / depth if projected and o.matrix_optimizer == "muon" else 0.0
+
+
+def matrix_state_bytes(rows: int, cols: int, o: OptimConfig, full_rank_share: float = 0.0) -> float:
+    """Optimizer state of one matrix, averaged over the blocks (GUM: `full_rank_share` of them full rank)."""
     values = rows * cols
     state_bytes = (1 + 4 / o.block_size_8bit) if o.use_8bit_optim else 4.0
     projected = o.use_galore and min(rows, cols) >= o.galore_min_dim and o.galore_rank <= min(rows, cols)
     if o.matrix_optimizer == "muon":
         if not projected:
             return values * state_bytes
-        q = o.gum_full_rank_prob if o.galore_rank < min(rows, cols) else 0.0
-        momentum = (1 - q) * o.galore_rank * max(rows, cols) + q * values
+        momentum = (1 - full_rank_share) * o.galore_rank * max(rows, cols) + full_rank_share * values
         return momentum * state_bytes + 4 * o.galore_rank * min(rows, cols)
     if o.matrix_optimizer == "foam":
         return 8 * values / 2 ** o.foam_level
     if projected:  # GaLore with AdamW
         return 8 * o.galore_rank * max(rows, cols) + 4 * o.galore_rank * min(rows, cols)
     return 8 * values
+
+
+def newton_schulz_workspace_of(count: int, rows: int, cols: int, o: OptimConfig) -> float:
+    """Peak temporary bytes of Muon's step over one stack of `count` rows x cols matrices."""
+    per_matrix = NS_BYTES_PER_VALUE * rows * cols + NS_BYTES_PER_GRAM * min(rows, cols) ** 2
+    if o.use_8bit_optim:
+        per_matrix += 4 * rows * cols  # the fp32 copy of the int8 momentum
+    return count * per_matrix
+
+
+def newton_schulz_workspace(s: GPTShape, o: OptimConfig) -> float:
+    """Peak bytes of the optimizer step's temporaries for the block matrices."""
+    shapes = Counter(block_matrices(s))
+    if o.matrix_optimizer != "muon":  # element-wise updates: a few fp32 temporaries of one matrix
+        return 3 * 4.0 * max(r * c for r, c in shapes)
+    if o.use_galore:  # GUM orthogonalizes one matrix at a time; the full-rank branch is the largest
+        return max(newton_schulz_workspace_of(1, r, c, o) for r, c in shapes)
+    return max(newton_schulz_workspace_of(min(k, stack_size(r, c)), r, c, o) for (r, c), k in shapes.items())
+
+
+BACKWARD_PHASE = ("activations", "logits gradient")
+STEP_PHASE = "optimizer step temporaries"
+
+
+def peak_bytes(parts: dict[str, float]) -> float:
+    """Everything that lives through the step, plus the larger of its two phases: forward/backward
+    (activations and the logits' gradient) or the optimizer step's temporaries, which start after
+    backward has freed the activations."""
+    phases = (*BACKWARD_PHASE, STEP_PHASE)
+    return (sum(v for k, v in parts.items() if k not in phases)
+            + max(sum(parts.get(k, 0.0) for k in BACKWARD_PHASE), parts.get(STEP_PHASE, 0.0)))
 
 
 @dataclass
@@ -67,10 +115,11 @@ class Plan:
     micro_batch: int
     largest_micro_batch: int | None
     smallest_total: float  # micro-batch 1
+    notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> float:
-        return sum(self.components.values())
+        return peak_bytes(self.components)
 
     @property
     def fits(self) -> bool | None:
@@ -86,38 +135,44 @@ def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gp
     embed_head = 2 * s.vocab_size * s.d_model
     gains = s.depth * (2 * s.d_model + 2 * s.head_dim + s.d_model + s.d_ff) + s.d_model
     params = matrix_params + embed_head + gains
+    notes = []
+    eight_bit_adamw = o.adamw_8bit and not o.foam_embed_head
+    if eight_bit_adamw and not adamw_8bit_available():
+        eight_bit_adamw = False
+        notes.append("optim.adamw_8bit is set but bitsandbytes is not installed: the trainer falls back to fp32 "
+                     "AdamW for embedding and head, and this plan counts that (pip install 'ternchat[bnb]')")
     if o.foam_embed_head:
         other_state = 8 * embed_head / 2 ** o.foam_level
     else:
-        other_state = (2 if o.adamw_8bit else 8) * embed_head
-    optimizer = sum(matrix_state_bytes(r, c, o) for r, c in matrices) + other_state + 8 * gains
-    largest = max(r * c for r, c in matrices)
+        other_state = (2 if eight_bit_adamw else 8) * embed_head
+    optimizer = (sum(matrix_state_bytes(r, c, o, gum_full_rank_share(r, c, o, s.depth)) for r, c in matrices)
+                 + other_state + 8 * gains)
+    optimizer_workspace = newton_schulz_workspace(s, o)
 
     def components(batch: int) -> dict[str, float]:
         tokens = batch * s.seq_len
-        per_block = 54 * s.d_model + 12 * s.d_ff + 16 * s.n_heads
+        per_block = 58 * s.d_model + 12 * s.d_ff + 16 * s.n_heads
         if checkpointing:
             saved = tokens * (s.depth * 4 * s.d_model + per_block)
         else:
             saved = tokens * s.depth * per_block
         activations = saved + tokens * (10 * s.d_model + 4 * s.vocab_size) + 2 * (matrix_params + embed_head / 2)
-        workspace = 8 * s.vocab_size * tokens + 3 * 2 * largest
-        if device == "cuda":
-            workspace += CUDA_CONTEXT
         parts = {"weights (fp32 latent)": 4.0 * params, "gradients (fp32)": 4.0 * params,
-                 "optimizer state": float(optimizer), "activations": float(activations), "workspace": float(workspace)}
+                 "optimizer state": float(optimizer), "activations": float(activations),
+                 "logits gradient": 8.0 * s.vocab_size * tokens, STEP_PHASE: float(optimizer_workspace)}
         if device == "cuda":
-            parts["allocator slack (5%)"] = 0.05 * sum(parts.values())
+            parts["CUDA context"] = float(CUDA_CONTEXT)
+            parts["allocator slack (5%)"] = 0.05 * peak_bytes(parts)
         return parts
 
     batch = micro_batch or cfg.train.batch_size
     best = None
     if gpu_mem is not None:
         for b in range(1, 4097):
-            if sum(components(b).values()) > gpu_mem:
+            if peak_bytes(components(b)) > gpu_mem:
                 break
             best = b
-    return Plan(components(batch), gpu_mem, batch, best, sum(components(1).values()))
+    return Plan(components(batch), gpu_mem, batch, best, peak_bytes(components(1)), notes)
 
 
 def format_plan(plan: Plan, title: str, gpus: int) -> str:
@@ -125,7 +180,9 @@ def format_plan(plan: Plan, title: str, gpus: int) -> str:
     lines = [f"{title}: per device ({gpus} device(s), data parallel: every device holds all of it)",
              "| component | GiB |", "|---|---|"]
     lines += [f"| {name} | {value / gib:,.2f} |" for name, value in plan.components.items()]
-    lines.append(f"| **total** (micro-batch {plan.micro_batch}) | **{plan.total / gib:,.2f}** |")
+    lines.append(f"| **peak** (micro-batch {plan.micro_batch}) | **{plan.total / gib:,.2f}** |")
+    lines.append(f"\nThe peak counts the larger of the backward phase ({' + '.join(BACKWARD_PHASE)}) and the "
+                 f"{STEP_PHASE}, which come after backward has freed the activations.")
     if plan.budget is not None:
         verdict = "fits" if plan.fits else "does NOT fit"
         fixed = sum(plan.components[k] for k in ("weights (fp32 latent)", "gradients (fp32)", "optimizer state"))
@@ -137,6 +194,7 @@ def format_plan(plan: Plan, title: str, gpus: int) -> str:
         else:
             largest = f"no micro-batch fits: micro-batch 1 needs {plan.smallest_total / gib:,.1f} GiB"
         lines.append(f"\nverdict: {verdict} in {plan.budget / gib:,.1f} GiB; {largest}")
+    lines += [f"note: {note}" for note in plan.notes]
     return "\n".join(lines)
 
 

@@ -57,6 +57,8 @@ def test_unknown_key_names_the_key_and_the_valid_keys(tmp_path):
     ("model.quant=\"int4\"", "model.quant = 'int4' is not valid; choose one of: ternary, none"),
     ("data.sources=[1, 2]", "data.sources must be a list of str"),
     ("model.n_heads=7", "must be divisible by model.n_heads"),
+    ("hardware.gpu_memory=\"lots\"", "hardware.gpu_memory: cannot read a memory size from 'lots'"),
+    ("optim.gum_full_rank_layers=0", "optim.gum_full_rank_layers = 0 is out of range"),
     ("depth=3", "--set expects section.key=value"),
 ])
 def test_bad_values_are_rejected_with_the_key(override, message):
@@ -105,3 +107,19 @@ def test_cli_config_prints_resolved_toml(tmp_path):
     result = run_cli("config", "--set", "model.depth=3", env_home=tmp_path)
     assert result.returncode == 0
     assert "[model]\ndepth = 3\n" in result.stdout
+
+
+def test_gum_must_leave_some_blocks_low_rank():
+    with pytest.raises(ConfigError, match="gum_full_rank_layers = 6 must be less than model.depth = 6"):
+        load_config(overrides=["optim.use_galore=true", "optim.gum_full_rank_layers=6"])
+    assert load_config(overrides=["optim.gum_full_rank_layers=6"]).optim.use_galore is False  # unused: fine
+
+
+def test_sweep_grid_values_are_checked_before_anything_runs():
+    from ternchat.bench.sweep import parse_grid
+
+    assert parse_grid(["optim.lr_embed=0.01,0.1"]) == {"optim.lr_embed": ["0.01", "0.1"]}
+    with pytest.raises(ConfigError, match="optim.lr_embed = 20.0 is out of range"):
+        parse_grid(["optim.lr_embed=0.01,20"])
+    with pytest.raises(ConfigError, match="--grid expects"):
+        parse_grid(["optim.lr_embed"])

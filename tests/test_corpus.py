@@ -5,7 +5,8 @@ import pytest
 
 from ternchat.config import load_config
 from ternchat.data import debian
-from ternchat.data.clean import CleanRules, rejection_reason
+from ternchat.data.clean import (CleanRules, NearDuplicateIndex, lsh_bands, minhash_signature, rejection_reason,
+                                 shingles)
 from ternchat.data.corpus import build_corpus, discover_files, iter_documents, split_crates
 from ternchat.data.discover import scan_root
 from ternchat.data.errors import DataError
@@ -140,3 +141,32 @@ def test_split_completes_the_target_when_only_big_crates_remain():
     sizes = {"a": 500, "b": 400, "c": 300}
     val = split_crates(sizes, 0.3, seed=0)
     assert sum(sizes[c] for c in val) >= 0.3 * 1200 and len(val) < 3
+
+
+def test_lsh_bands_are_datasketchs_choice_where_it_divides():
+    assert lsh_bands(0.85, 128) == 8  # datasketch's optimum for these settings: 8 bands x 16 rows
+    assert all(128 % lsh_bands(t, 128) == 0 for t in (0.5, 0.7, 0.85, 0.95))
+
+
+def test_minhash_estimates_jaccard_and_the_index_keeps_the_threshold():
+    import random
+
+    rng = random.Random(0)
+    words = [f"w{rng.randrange(5000)}" for _ in range(3000)]
+
+    def edited(share: float) -> str:
+        return " ".join(w if rng.random() > share else f"x{rng.randrange(10**6)}" for w in words)
+
+    base = " ".join(words)
+    exact = lambda a, b: len(set(shingles(a)) & set(shingles(b))) / len(set(shingles(a)) | set(shingles(b)))
+    index = NearDuplicateIndex(0.85, 128)
+    assert index.add_or_match("base", minhash_signature(base, 128)) is None
+    for share in (0.005, 0.01, 0.05, 0.1):
+        text = edited(share)
+        estimate = minhash_signature(base, 128).jaccard(minhash_signature(text, 128))
+        assert abs(estimate - exact(base, text)) < 0.1
+        matched = index.add_or_match(f"edit{share}", minhash_signature(text, 128))
+        if exact(base, text) > 0.92:
+            assert matched is not None  # well above the threshold: caught
+        elif exact(base, text) < 0.75:
+            assert matched is None  # well below it: kept

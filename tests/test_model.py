@@ -164,3 +164,37 @@ def test_seeded_sampling_is_reproducible():
     assert run(7) != run(8)
     greedy = list(generate(model, [1, 2, 3], 10, temperature=0))
     assert greedy == list(generate(model, [1, 2, 3], 10, temperature=0, seed=99))
+
+
+def test_q_k_v_are_separate_ternary_matrices_with_their_own_scales():
+    model = GPT(SHAPE)
+    attn = model.blocks[0].attn
+    assert all(isinstance(m, BitLinear) and m.weight.shape == (64, 64) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+    with torch.no_grad():
+        attn.k_proj.weight.mul_(100)  # a fused QKV matrix would share one absmean scale across the three
+    betas = [m.weight.abs().mean() for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    for m, beta in zip((attn.q_proj, attn.k_proj, attn.v_proj), betas):
+        assert set(quantize_weight(m.weight.detach()).unique().tolist()) == {-beta.item(), 0.0, beta.item()}
+    packed = TernaryLinear.from_bitlinear(attn.k_proj)
+    assert packed.beta.item() == pytest.approx(betas[1].item()) and betas[1] > 50 * betas[0]
+
+
+def test_muon_orthogonalizes_q_k_and_v_as_three_matrices():
+    from ternchat.config import load_config
+    from ternchat.optim.factory import build_optimizer
+
+    model = GPT(SHAPE)
+    muon = build_optimizer(model, load_config().optim).optimizers[0]
+    attn = model.blocks[0].attn
+    ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    assert {id(m.weight) for m in (attn.q_proj, attn.k_proj, attn.v_proj)} <= ids
+    before = [m.weight.detach().clone() for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for scale, m in zip((1.0, 1e-3, 30.0), (attn.q_proj, attn.k_proj, attn.v_proj)):
+        m.weight.grad = scale * torch.randn(64, 64)  # very different gradient scales
+    muon.step()
+    moves = [(m.weight.detach() - b) for m, b in zip((attn.q_proj, attn.k_proj, attn.v_proj), before)]
+    for move in moves:  # each update is orthogonalized on its own: all have singular values near 1 x lr
+        sv = torch.linalg.svdvals(move / 0.02)
+        assert 0.5 < sv.mean() < 1.5

@@ -71,7 +71,7 @@ def test_gum_at_full_rank_equals_muon():
     start = a.detach().clone()
     muon = Muon([a], lr=0.02, momentum=0.9, nesterov=False)
     # One period (GUM restarts momentum when the subspace changes, plain Muon does not).
-    gum = GUM([b], lr=0.02, momentum=0.9, rank=48, min_dim=1, update_freq=10, full_rank_prob=0.5)
+    gum = GUM([b], lr=0.02, momentum=0.9, rank=48, min_dim=1, update_freq=10)
     for _ in range(7):
         g = torch.randn(48, 96)
         a.grad, b.grad = g.clone(), g.clone()
@@ -114,7 +114,7 @@ VARIANTS = {
     "muon": [],
     "muon_8bit_sr": ["optim.use_8bit_optim=true", "optim.block_size_8bit=128", "optim.stochastic_rounding=true"],
     "gum": ["optim.use_galore=true", "optim.galore_rank=8", "optim.galore_min_dim=32", "optim.galore_update_freq=2",
-            "optim.gum_full_rank_prob=0.5"],
+            "optim.gum_full_rank_layers=1"],
     "gum_8bit": ["optim.use_galore=true", "optim.galore_rank=8", "optim.galore_min_dim=32",
                  "optim.galore_update_freq=2", "optim.use_8bit_optim=true", "optim.block_size_8bit=128"],
     "galore_adamw": ["optim.matrix_optimizer=adamw", "optim.use_galore=true", "optim.galore_rank=8",
@@ -165,17 +165,102 @@ def test_8bit_adamw_uses_bitsandbytes_or_says_why():
         assert type(opt.optimizers[1]).__name__ == "AdamW8bit"
 
 
-def test_gum_draws_each_matrix_independently():
-    params = [torch.nn.Parameter(torch.randn(32, 64)) for _ in range(40)]
-    opt = GUM(params, rank=4, min_dim=8, update_freq=1, full_rank_prob=0.5)
-    draws = []
-    for _ in range(3):
-        for p in params:
+def test_gum_draws_exactly_gamma_whole_layers_each_period():
+    layers = [[torch.nn.Parameter(torch.randn(32, 64)) for _ in range(3)] for _ in range(10)]
+    opt = GUM([dict(params=ps) for ps in layers], rank=4, min_dim=8, update_freq=1, full_rank_layers=3)
+    assert opt.q == 3 / 10
+    draws, counts = [], [0] * 10
+    for _ in range(60):
+        for p in (p for ps in layers for p in ps):
             p.grad = torch.randn_like(p)
         opt.step()
-        draws.append([opt.state[p]["full_rank"] for p in params])
-    assert all(5 < sum(d) < 35 for d in draws)  # about half of the matrices, not all or none
-    assert draws[0] != draws[1] != draws[2]  # and new draws each period
+        flags = [[opt.state[p]["full_rank"] for p in ps] for ps in layers]
+        assert all(len(set(f)) == 1 for f in flags)  # a layer's matrices go together
+        drawn = [f[0] for f in flags]
+        assert sum(drawn) == 3  # exactly gamma layers, not independent coins
+        draws.append(drawn)
+        counts = [c + d for c, d in zip(counts, drawn)]
+    assert len({tuple(d) for d in draws}) > 20  # new draws each period
+    assert all(6 <= c <= 32 for c in counts)  # every layer about q = 0.3 of the time (expected 18)
+
+
+def test_gum_gradient_estimate_is_unbiased():
+    """E[G_hat] = (1 - q) E[G_hat | low rank] + q E[G_hat | full rank] = G for the estimate fed to the
+    momentum (the update after Newton-Schulz is not unbiased)."""
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(24, 4))
+    v, _ = torch.linalg.qr(torch.randn(48, 4))
+    g = (u * torch.tensor([10.0, 9.0, 8.0, 7.0])) @ v.T + 0.3 * torch.randn(24, 48)  # a stable top-4 subspace
+    params = [torch.nn.Parameter(torch.zeros(24, 48)) for _ in range(2)]
+    opt = GUM([dict(params=[p]) for p in params], rank=4, min_dim=8, update_freq=1, full_rank_layers=1,
+              momentum=0.0)
+    branches = {True: [], False: []}
+    for _ in range(40):
+        for p in params:
+            p.grad = g.clone()
+        opt.step()
+        state = opt.state[params[0]]
+        buf = state["momentum"]  # momentum 0: the buffer is this step's estimate
+        branches[state["full_rank"]].append(buf if state["full_rank"] else state["basis"] @ buf)
+    low, full = (torch.stack(branches[b]).mean(0) for b in (False, True))
+    assert len(branches[True]) > 5 and len(branches[False]) > 5
+    assert ((1 - opt.q) * low + opt.q * full - g).norm() < 1e-3 * g.norm()
+    assert (low - g).norm() > 0.5 * g.norm()  # one branch alone is biased
+
+
+def test_galore_adamw_bias_correction_restarts_with_the_moments():
+    """Constant gradient: every step of the second period moves the weights as the same step of the first."""
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(64, 8))
+    v, _ = torch.linalg.qr(torch.randn(128, 8))
+    g = (u * torch.linspace(8, 1, 8)) @ v.T  # rank 8, distinct singular values: the subspace is unique
+    p = torch.nn.Parameter(torch.zeros(64, 128))
+    opt = GaLoreAdamW([p], lr=0.1, betas=(0.9, 0.999), rank=8, min_dim=32, update_freq=10, scale=1.0)
+    deltas = []
+    for _ in range(20):
+        before = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        deltas.append(p.detach() - before)
+    for first, second in zip(deltas[:10], deltas[10:]):
+        assert torch.allclose(first, second, atol=1e-5 * first.abs().max())
+
+
+def foam_reference_step(p, g, m, v, step, lr, b1, b2, eps, level, scale):
+    """One step of zqOuO/FOAM foam_torch/foam_adam.py, transcribed for a 2-D tensor."""
+    k = 2 ** level
+    blocks = g.view(g.shape[0], -1, k)
+    folded, folded_sq = blocks.mean(-1), (blocks ** 2).mean(-1)
+    res = g - folded.repeat_interleave(k, -1)
+    m = b1 * m + (1 - b1) * folded
+    v = b2 * v + (1 - b2) * folded_sq
+    update_m = m.repeat_interleave(k, -1) + res
+    update_v = v.repeat_interleave(k, -1) + res ** 2
+    norm_grad = scale * update_m / (update_v.sqrt() + eps)
+    step_size = lr * (1 - b2 ** step) ** 0.5 / (1 - b1 ** step)
+    return p - step_size * norm_grad, m, v
+
+
+def test_foam_follows_the_official_update():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 32))
+    ref, m, v = p.detach().clone(), torch.zeros(8, 8), torch.zeros(8, 8)
+    opt = FOAM([p], lr=1e-2, betas=(0.9, 0.95), level=2, scale=0.25)
+    for step in range(1, 6):
+        g = torch.randn(8, 32)
+        p.grad = g.clone()
+        opt.step()
+        ref, m, v = foam_reference_step(ref, g, m, v, step, 1e-2, 0.9, 0.95, 1e-8, 2, 0.25)
+        assert torch.allclose(p.detach(), ref, atol=1e-6)
+
+
+def test_foam_second_moment_folds_the_squared_gradient():
+    p = torch.nn.Parameter(torch.zeros(1, 8))
+    opt = FOAM([p], betas=(0.9, 0.99), level=3)
+    p.grad = torch.tensor([[1.0, -1.0] * 4])  # block mean 0, mean square 1
+    opt.step()
+    v = opt.state[p]["exp_avg_sq_folded"]
+    assert torch.allclose(v, torch.tensor([[0.01]]))  # (1 - b2) * mean(g^2); (mean g)^2 would give 0
 
 
 def test_stochastic_rounding_noise_changes_with_step_and_slot():

@@ -7,7 +7,9 @@ import torch
 
 from ternchat.config import load_config
 from ternchat.model.gpt import GPT, GPTShape
-from ternchat.plan import matrix_state_bytes, measure_cpu, parse_bytes, plan_memory
+from ternchat.optim.muon import Muon
+from ternchat.plan import (adamw_8bit_available, gum_full_rank_share, matrix_state_bytes, measure_cpu,
+                           newton_schulz_workspace, newton_schulz_workspace_of, parse_bytes, plan_memory)
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 SMALL = ["model.depth=2", "model.d_model=256", "model.n_heads=4", "model.seq_len=128", "train.batch_size=4",
@@ -55,16 +57,72 @@ def test_optimizer_state_per_method():
     assert matrix_state_bytes(1024, 4096, o) == 4 * 1024 * 4096  # Muon momentum, fp32
     o8 = load_config(overrides=["optim.use_8bit_optim=true"]).optim
     assert matrix_state_bytes(1024, 4096, o8) == pytest.approx(1024 * 4096 * (1 + 4 / 2048))
-    gum = load_config(overrides=["optim.use_galore=true", "optim.galore_rank=256"]).optim
+    gum = load_config(overrides=["optim.use_galore=true", "optim.galore_rank=256",
+                                 "optim.gum_full_rank_layers=2"]).optim
+    share = gum_full_rank_share(1024, 4096, gum, depth=20)
+    assert share == 2 / 20  # exactly gamma of the blocks are drawn: the count is not a chance
     expected = (0.9 * 256 * 4096 + 0.1 * 1024 * 4096) * 4 + 4 * 256 * 1024
-    assert matrix_state_bytes(1024, 4096, gum) == pytest.approx(expected)
+    assert matrix_state_bytes(1024, 4096, gum, share) == pytest.approx(expected)
+    assert gum_full_rank_share(200, 4096, gum, depth=20) == 0  # below galore_min_dim: plain Muon
     foam = load_config(overrides=["optim.matrix_optimizer=foam", "optim.foam_level=3"]).optim
     assert matrix_state_bytes(1024, 4096, foam) == 8 * 1024 * 4096 / 8
 
 
-def test_cli_verdict_for_a_hardware_preset():
-    result = subprocess.run([sys.executable, "-m", "ternchat", "plan", "--config",
-                             str(CONFIGS / "config_c_dual_epyc_4090.toml"), "--gpu-mem", "24GiB"],
+@pytest.mark.parametrize("preset, gpus, memory", [("config_a_threadripper_blackwell", 1, "96.0 GiB"),
+                                                   ("config_b_9800x3d_dual4090", 2, "24.0 GiB"),
+                                                   ("config_c_dual_epyc_4090", 1, "24.0 GiB")])
+def test_cli_verdict_for_a_hardware_preset_needs_no_flags(preset, gpus, memory):
+    result = subprocess.run([sys.executable, "-m", "ternchat", "plan", "--config", str(CONFIGS / f"{preset}.toml")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    assert f"in {memory}" in result.stdout and f"({gpus} device(s)" in result.stdout
     assert "verdict:" in result.stdout and "optimizer state" in result.stdout
+    assert load_config(CONFIGS / f"{preset}.toml").hardware.name in result.stdout
+
+
+def test_8bit_adamw_is_planned_as_fp32_without_bitsandbytes():
+    fp32 = plan_memory(load_config(overrides=SMALL), 2048)
+    eight = plan_memory(load_config(overrides=[*SMALL, "optim.adamw_8bit=true"]), 2048)
+    if adamw_8bit_available():
+        assert eight.components["optimizer state"] < fp32.components["optimizer state"] and not eight.notes
+    else:
+        assert eight.components["optimizer state"] == fp32.components["optimizer state"]
+        assert any("bitsandbytes is not installed" in n for n in eight.notes)
+
+
+def optimizer_step_peak(opt) -> int:
+    """The most bytes the optimizer's step allocates beyond what was alive before it (CPU profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    current = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                            if e.name() == "[memory]"):
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
+@pytest.mark.parametrize("eight_bit", [False, True])
+@pytest.mark.parametrize("count, rows, cols", [(12, 128, 128), (8, 512, 128), (6, 128, 512)])
+def test_newton_schulz_workspace_covers_a_whole_stack(count, rows, cols, eight_bit):
+    params = [torch.nn.Parameter(torch.randn(rows, cols)) for _ in range(count)]
+    opt = Muon(params, state_bits=8 if eight_bit else 32, block_size=2048)
+    for _ in range(2):  # the second step is the steady state (the momentum exists)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        measured = optimizer_step_peak(opt)
+    o = load_config(overrides=[f"optim.use_8bit_optim={str(eight_bit).lower()}"]).optim
+    planned = newton_schulz_workspace_of(count, rows, cols, o)
+    assert measured <= planned < 1.25 * measured, (measured, planned)
+
+
+def test_newton_schulz_workspace_is_the_largest_stack():
+    o = load_config().optim
+    shape = GPTShape.from_config(load_config().model, 8192)  # 6 blocks: 24 of 384x384, 6 of 1536x384, 6 of 384x1536
+    assert newton_schulz_workspace(shape, o) == max(newton_schulz_workspace_of(24, 384, 384, o),
+                                                    newton_schulz_workspace_of(6, 1536, 384, o))
+    big = GPTShape.from_config(load_config(CONFIGS / "config_a_threadripper_blackwell.toml").model, 32768)
+    muon = load_config(overrides=["optim.use_galore=false"]).optim
+    assert newton_schulz_workspace(big, muon) == newton_schulz_workspace_of(4, 4096, 4096, muon)  # 128 -> stacks of 4

@@ -15,8 +15,9 @@ import torch
 from ternchat.config import load_config
 from ternchat.data.pipeline import prepare_data
 from ternchat.train.checkpoint import CheckpointError, latest_checkpoint
-from ternchat.train.schedule import schedule
+from ternchat.train.schedule import RunLength, schedule
 from ternchat.train.trainer import Trainer, TrainingError, train
+from ternchat.verify.sandbox import isolation
 
 
 def tiny_overrides(sources):
@@ -62,8 +63,26 @@ def test_forty_steps_clearly_lower_the_loss(tmp_path, overrides):
     assert last < first - 1.0, (first, last)
     assert 0 < result["val_bpb"] < 10 and result["tokens_seen"] == 40 * 8 * 64
     assert (tmp_path / "run" / "samples" / "step_000040.md").exists()
-    if shutil.which("rustc"):  # the compiled evaluation ran on the shipped problems
+    if isolation().namespaces:  # the compiled evaluation ran on the shipped problems
         assert result["rust_problems"] >= 10 and 0 <= result["rust_compile_rate"] <= 1
+
+
+def test_end_of_run_rust_eval_skips_where_programs_cannot_be_isolated(tmp_path, overrides, monkeypatch):
+    bin_dir = tmp_path / "bin"  # a PATH without bubblewrap (and without rustc where there is none)
+    bin_dir.mkdir()
+    if shutil.which("rustc"):
+        (bin_dir / "rustc").symlink_to(shutil.which("rustc"))
+    monkeypatch.setenv("PATH", str(bin_dir))
+    isolation.cache_clear()
+    logs = []
+    try:
+        result = train(load_config(overrides=[*overrides, "train.max_steps=2", "eval.rust_problems=true"]),
+                       tmp_path / "run", log=logs.append)
+    finally:
+        isolation.cache_clear()
+    assert "rust_pass@1" not in result
+    skipped = [line for line in logs if "skipping the compiled evaluation" in line]
+    assert skipped and ("apt-get install bubblewrap" in skipped[0] or "rustc" in skipped[0])
 
 
 def cli(*args, env):
@@ -124,7 +143,7 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_checkpoint(tmp_path, o
     train(cfg, tmp_path / "run", log=lambda _: None)
     more = load_config(overrides=[*overrides, "train.max_steps=20", "train.max_bad_steps=3"])
     trainer = Trainer(more, tmp_path / "run", resume=True, log=lambda _: None)
-    trainer.max_steps = 20
+    trainer.length = RunLength.fixed(20, 0.3)  # the checkpoint's run was 4 steps long: extend it
     with torch.no_grad():
         trainer.model.embed.weight.fill_(float("nan"))
     with pytest.raises(TrainingError, match="3 non-finite losses in a row"):
@@ -136,11 +155,71 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_checkpoint(tmp_path, o
 
 
 def test_schedules():
-    lrs = [schedule(s, 100, 10, 0.2)[0] for s in range(100)]
+    length = RunLength.fixed(100, 0.2)
+    lrs = [schedule(s, length, 10)[0] for s in range(100)]
     assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[50] == 1.0
     assert lrs[85] == pytest.approx(15 / 20) and lrs[99] == pytest.approx(1 / 20)
-    assert schedule(40, 100, 10, 0.2, "bitnet_two_stage") == (1.0, 1.0)
-    assert schedule(60, 100, 10, 0.2, "bitnet_two_stage") == (0.5, 0.0)
+    assert schedule(40, length, 10, "bitnet_two_stage") == (1.0, 1.0)
+    assert schedule(60, length, 10, "bitnet_two_stage") == (0.5, 0.0)
+    unknown = RunLength()  # a time budget before the clock fixed anything: warmup, then constant
+    assert [schedule(s, unknown, 10, "bitnet_two_stage")[0] for s in (0, 9, 500, 10_000)] == [0.1, 1.0, 1.0, 1.0]
+
+
+class FakeClock:
+    """Seconds that pass only when a training step runs: the first step of a session takes `first`."""
+
+    def __init__(self, trainer, first=3.0, per_step=1.0, stop_at=None):
+        self.now, self.first, self.per_step, self.stop_at = 0.0, first, per_step, stop_at
+        trainer.clock = lambda: self.now
+        real_step = trainer._train_step
+
+        def step():
+            if self.stop_at is not None and trainer.step == self.stop_at:
+                raise KeyboardInterrupt  # the run is cut off here
+            self.now += self.first if self.first is not None else self.per_step
+            self.first = None
+            return real_step()
+        trainer._train_step = step
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("kind", ["wsd", "bitnet_two_stage"])
+def test_time_budget_trains_at_constant_lr_until_the_clock_fixes_the_warmdown(tmp_path, overrides, kind):
+    # 0.5 min -> 27 s of training (90%); warmdown from 0.7 * 27 = 18.9 s; first step 3 s, then 1 s each.
+    sets = [*overrides, "train.time_limit_min=0.5", "train.warmdown_frac=0.3", f"train.schedule={kind}"]
+    trainer = Trainer(load_config(overrides=sets), tmp_path / "run", log=lambda _: None)
+    FakeClock(trainer)
+    result = trainer.run()
+    # Clock after step s is 3 + (s - 1): it passes 18.9 at step 17, leaving 27 - 19 = 8 steps of warmdown.
+    assert trainer.length.total == result["steps"] == 25 and trainer.length.warmdown_start == 17
+    lrs = {r["step"]: r["lr_scale"] for r in rows(tmp_path / "run") if "loss" in r}
+    scale = 0.5 if kind == "bitnet_two_stage" else 1.0
+    assert [lrs[s] for s in (1, 2, 3)] == [pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0]  # warmup 3
+    if kind == "wsd":
+        assert all(lrs[s] == 1.0 for s in range(3, 18))  # never the 'total = 1' decay while timing
+    else:  # the clock passed half of 27 s at step 12: stage 2 halves the LR from the 13th step on
+        assert trainer.length.stage2_start == 12
+        assert all(lrs[s] == 1.0 for s in range(3, 13)) and all(lrs[s] == 0.5 for s in range(13, 18))
+    assert [lrs[s] for s in range(18, 26)] == [pytest.approx(scale * (25 - i) / 8) for i in range(17, 25)]
+
+
+def test_time_budget_decision_is_saved_and_a_resumed_run_repeats_it(tmp_path, overrides):
+    sets = [*overrides, "train.time_limit_min=0.5", "train.checkpoint_every=5"]
+    straight = Trainer(load_config(overrides=sets), tmp_path / "straight", log=lambda _: None)
+    FakeClock(straight)
+    straight.run()
+    cut = Trainer(load_config(overrides=sets), tmp_path / "cut", log=lambda _: None)
+    FakeClock(cut, stop_at=22)  # after the decision (step 17) and its checkpoint at step 20
+    with pytest.raises(KeyboardInterrupt):
+        cut.run()
+    resumed = Trainer(load_config(overrides=sets), tmp_path / "cut", resume=True, log=lambda _: None)
+    assert resumed.step == 20 and resumed.length == straight.length
+    FakeClock(resumed, first=50.0)  # a slow restart does not change the fixed length
+    resumed.run()
+    assert losses(tmp_path / "cut") == losses(tmp_path / "straight") and len(losses(tmp_path / "cut")) == 25
 
 
 def test_cli_export_and_sample(tmp_path, overrides):

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from ternchat.verify.humaneval import Problem, build_program, load_problems, score, stop_at_stop_tokens
+from ternchat.verify.humaneval import (Problem, ProblemError, build_program, load_problems, references, score,
+                                      stop_at_stop_tokens)
 from ternchat.verify.metrics import pass_at_k, summarize, write_reports
 from ternchat.verify.sandbox import Limits, Outcome, check_metadata, check_parse, isolation, run_many, run_rust
 
-if shutil.which("rustc") is None and os.environ.get("TERNCHAT_REQUIRE_RUSTC") != "1":
-    pytest.skip("rustc is not installed", allow_module_level=True)
+needs_sandbox = pytest.mark.usefixtures("sandbox_ready")  # rustc and bubblewrap's namespaces
 
 FAST = Limits(run_seconds=4, cpu_seconds=3, compile_seconds=30)
 SHARED_HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "humaneval-rs.jsonl"
@@ -35,6 +35,7 @@ def clean_machine():
 
 
 # --- known answers ------------------------------------------------------------------------------
+@needs_sandbox
 def test_shipped_reference_solutions_pass():
     problems = load_problems()
     assert len(problems) >= 10 and all(p.reference for p in problems)
@@ -43,6 +44,7 @@ def test_shipped_reference_solutions_pass():
     assert not failed
 
 
+@needs_sandbox
 def test_wrong_answers_fail_at_run_time():
     problems = {p.name: p for p in load_problems()}
     wrong = {"tc_3_fibonacci": "    n", "tc_6_gcd": "    a * b", "tc_0_sum_of_squares": "    xs.iter().sum()"}
@@ -50,12 +52,14 @@ def test_wrong_answers_fail_at_run_time():
     assert {o[0].outcome for o in results.values()} == {"runtime_error"}
 
 
+@needs_sandbox
 def test_todo_body_compiles_and_panics():
     p = load_problems()[0]
     outcome = score([p], {p.name: ["    todo!()"]})[p.name][0]
     assert outcome.phase == "run" and outcome.outcome == "runtime_error" and "not yet implemented" in outcome.stderr
 
 
+@needs_sandbox
 def test_syntax_and_type_errors_are_compile_errors_with_codes():
     syntax = run_rust("fn main() { let x = ; }", limits=FAST)
     assert syntax.outcome == "compile_error" and syntax.messages
@@ -100,6 +104,7 @@ ADVERSARIAL = {
 }
 
 
+@needs_sandbox
 @pytest.mark.parametrize("name", list(ADVERSARIAL))
 def test_adversarial_program_is_contained_and_classified(name, clean_machine, monkeypatch):
     monkeypatch.setenv("TERNCHAT_TEST_SECRET", "hunter2")
@@ -113,13 +118,14 @@ def test_adversarial_program_is_contained_and_classified(name, clean_machine, mo
         time.sleep(0.5)  # the clean_machine check then looks for the sleeping grandchild
 
 
+@needs_sandbox
 def test_host_secrets_are_out_of_reach_when_namespaces_are_active():
-    if not isolation().namespaces:
-        pytest.skip("bubblewrap is not available: host files are visible to sandboxed programs")
+    assert isolation().namespaces
     outcome = run_rust('fn main() { print!("{}", std::fs::read_to_string("/etc/hostname").is_ok()); }', limits=FAST)
     assert outcome.stdout == "false"
 
 
+@needs_sandbox
 def test_pool_runs_many_and_keeps_order():
     sources = [f'fn main() {{ print!("{i}"); }}' for i in range(6)] + ["fn main() { panic!() }"]
     outcomes = run_many(sources, workers=2, limits=FAST)
@@ -127,6 +133,7 @@ def test_pool_runs_many_and_keeps_order():
     assert outcomes[6].outcome == "runtime_error"
 
 
+@needs_sandbox
 def test_isolation_report_names_the_mechanisms():
     text = isolation().describe()
     assert "rustc" in text and "network" in text and "filesystem" in text
@@ -169,6 +176,7 @@ def test_loader_reads_multipl_e_json_and_jsonl(tmp_path):
         assert len(load_problems(SHARED_HUMANEVAL)) == 134
 
 
+@needs_sandbox
 def test_compile_checks_for_data():
     assert check_metadata("pub fn f() -> u32 { 1 }").outcome == "ok"
     needs_crate = "mod elsewhere;\nuse crate::elsewhere::Thing;\npub fn f(t: Thing) {}\n"
@@ -177,6 +185,7 @@ def test_compile_checks_for_data():
     assert check_parse("pub fn f( {").outcome == "compile_error"
 
 
+@needs_sandbox
 def test_cli_scores_a_completions_file(tmp_path):
     problems = load_problems()
     lines = [json.dumps({"name": p.name, "completions": [p.reference, "    todo!()"]}) for p in problems[:3]]
@@ -189,6 +198,7 @@ def test_cli_scores_a_completions_file(tmp_path):
     assert summary["pass@k"] == {"pass@1": 0.5, "pass@2": 1.0} and summary["compile_rate"] == 1.0
 
 
+@needs_sandbox
 def test_corpus_files_are_tagged_and_cached(tmp_path, fixture_crates):
     from ternchat.config import load_config
     from ternchat.data.corpus import build_corpus, discover_files
@@ -211,3 +221,62 @@ def test_corpus_files_are_tagged_and_cached(tmp_path, fixture_crates):
     again = verify_corpus(tmp_path / "corpus", tmp_path / "cache")
     assert again["checked_now"] == 0 and {k: v for k, v in again.items() if k != "checked_now"} == \
         {k: v for k, v in counts.items() if k != "checked_now"}
+
+
+# --- the test-module layout (task_id, prompt, canonical_solution, test, entry_point, edition) --------
+TEST_MODULE = Path(__file__).parent / "fixtures" / "humaneval_test_module.jsonl"
+
+
+def plain_rustc_test(program: str, edition: str, tmp: Path) -> str:
+    """What plain `rustc --test` and a run of the test binary say, without ternchat: pass, fail or compile_error."""
+    (tmp / "main.rs").write_text(program)
+    built = subprocess.run(["rustc", "--edition", edition, "--test", "-o", str(tmp / "prog"), str(tmp / "main.rs")],
+                           capture_output=True, timeout=120)
+    if built.returncode != 0:
+        return "compile_error"
+    return "pass" if subprocess.run([str(tmp / "prog")], capture_output=True, timeout=60).returncode == 0 else "fail"
+
+
+def verdict(outcome: Outcome) -> str:
+    return {"ok": "pass", "compile_error": "compile_error"}.get(outcome.outcome, "fail")
+
+
+@needs_sandbox
+def test_test_module_canonical_solutions_agree_with_plain_rustc_test(tmp_path):
+    problems = load_problems(TEST_MODULE)
+    expected = {row["task_id"]: row["expected"] for row in map(json.loads, TEST_MODULE.read_text().splitlines())}
+    assert all(p.test_module for p in problems) and {p.edition for p in problems} == {"2015", "2021"}
+    results = score(problems, references(problems), cut=False)
+    for p in problems:
+        ours = verdict(results[p.name][0])
+        plain = plain_rustc_test(build_program(p, p.reference, cut=False), p.edition, tmp_path)
+        assert ours == plain == expected[p.name], (p.name, ours, plain, results[p.name][0].messages)
+
+
+@needs_sandbox
+def test_test_module_model_completions_are_cut_before_their_own_tests():
+    problem = load_problems(TEST_MODULE)[0]
+    rambling = problem.reference + "\n#[cfg(test)]\nmod tests {\n    #[test]\n    fn mine() {}\n}\n"
+    cut, whole = (score([problem], {problem.name: [rambling]}, cut=c)[problem.name][0] for c in (True, False))
+    assert cut.outcome == "ok"
+    assert whole.outcome == "compile_error" and "E0428" in whole.error_codes  # `tests` defined twice
+
+
+def test_test_module_rows_without_a_test_function_are_refused(tmp_path):
+    row = {"task_id": "X/0", "prompt": "fn f() -> u32 {", "canonical_solution": "1 }", "entry_point": "f",
+           "test": "\n#[cfg(test)]\nmod tests {\n    fn helper() {}\n}\n"}
+    (tmp_path / "p.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(ProblemError, match="no #\\[test\\] function"):
+        load_problems(tmp_path / "p.jsonl")
+    with pytest.raises(ProblemError, match="canonical_solution"):  # nothing to score without --completions
+        references([Problem("p", "fn f() {", "}", ("\n}",))])
+
+
+@needs_sandbox
+def test_cli_scores_canonical_solutions_when_no_completions_are_given(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ternchat", "eval", "humaneval-rust", "--problems", str(TEST_MODULE),
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["problems"] == 9 and summary["pass@k"]["pass@1"] == pytest.approx(5 / 9)
+    assert summary["outcomes"]["compile_error"] == 2

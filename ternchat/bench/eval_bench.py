@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from ternchat.verify.humaneval import build_program, load_problems
-from ternchat.verify.sandbox import isolation, run_many
+from ternchat.verify.sandbox import Limits, checked_isolation, run_many
 
 TRIVIAL = "    todo!()"
 
@@ -32,13 +32,15 @@ def _plain_run(program: str, rustc: str) -> str:
         return "ok" if ran.returncode == 0 else "runtime_error"
 
 
-def bench_eval(problems_source: str, workers: int, baseline_problems: int, log=print) -> dict:
+def bench_eval(problems_source: str, workers: int, baseline_problems: int, allow_unisolated: bool = False,
+               log=print) -> dict:
     problems = load_problems(problems_source)
     programs = [build_program(p, TRIVIAL) for p in problems]
-    iso = isolation()
+    limits = Limits(allow_unisolated=allow_unisolated)
+    iso = checked_isolation(limits)
     log(f"sandbox: {iso.describe()}")
     start = time.perf_counter()
-    outcomes = run_many(programs, workers=workers)
+    outcomes = run_many(programs, workers=workers, limits=limits)
     sandboxed_s = time.perf_counter() - start
     subset = programs[:baseline_problems] if baseline_problems else programs
     start = time.perf_counter()

@@ -10,17 +10,13 @@ projection error of each.
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from ternchat.config import load_config
+from ternchat.bench.runs import measure_in_subprocess
 from ternchat.optim.galore import randomized_svd_basis
 from ternchat.train.report import machine
 
@@ -32,29 +28,8 @@ VARIANTS: dict[str, list[str]] = {
     "GaLore+AdamW": ["optim.matrix_optimizer=adamw", "optim.lr_matrix=0.003", *GALORE],
     "GaLore+Muon (GUM)": GALORE,
     "GaLore+8-bit Muon": [*GALORE, "optim.use_8bit_optim=true"],
-    "FOAM": ["optim.matrix_optimizer=foam", "optim.lr_matrix=0.003"],
+    "FOAM": ["optim.matrix_optimizer=foam", "optim.lr_matrix=0.012"],  # x foam_scale 0.25 = AdamW's 0.003
 }
-
-
-def run_variant(name: str, config: str | None, overrides: list[str], steps: int) -> dict:
-    """Train one variant in this process; return its measurements."""
-    from ternchat.train.trainer import Trainer
-
-    cfg = load_config(config, [*overrides, *VARIANTS[name], f"train.max_steps={steps}", "train.time_limit_min=0",
-                               "train.compile=false", "eval.every_steps=0", "eval.rust_problems=false",
-                               "train.checkpoint_every=0"])
-    with tempfile.TemporaryDirectory(prefix="ternchat-bench-optim-") as tmp:
-        trainer = Trainer(cfg, Path(tmp) / "run", log=lambda _: None)
-        result = trainer.run()
-        losses = [(r["step"], r["loss"]) for r in trainer.metrics.read() if isinstance(r.get("loss"), float)]
-    matrix_opt = trainer.optimizer.optimizers[0]
-    matrix_params = sum(p.numel() for g in matrix_opt.param_groups for p in g["params"])
-    matrix_state = sum(t.numel() * t.element_size() for s in matrix_opt.state.values() for t in s.values()
-                       if torch.is_tensor(t))
-    all_params = sum(p.numel() for p in trainer.model.parameters())
-    return {"name": name, "val_loss": result["val_loss"], "tok_s": result["tok_s"],
-            "peak_rss_bytes": result["peak_memory_bytes"], "matrix_state_bytes_per_param": matrix_state / matrix_params,
-            "state_bytes_per_param": trainer.optimizer.state_bytes() / all_params, "losses": losses}
 
 
 def time_projector_refresh(rows: int = 1024, cols: int = 4096, rank: int = 256, repeats: int = 3) -> dict:
@@ -84,14 +59,10 @@ def time_projector_refresh(rows: int = 1024, cols: int = 4096, rank: int = 256, 
 def bench_optim(config: str | None, overrides: list[str], steps: int, out_dir: Path, log=print) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for name in VARIANTS:
+    for name, variant in VARIANTS.items():
         log(f"training {name} for {steps} steps in its own process ...")
-        args = [sys.executable, "-m", "ternchat.bench.optim_bench", "--variant", name, "--steps", str(steps)]
-        args += (["--config", config] if config else []) + [a for o in overrides for a in ("--set", o)]
-        done = subprocess.run(args, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"variant {name} failed:\n{done.stderr[-2000:]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        results.append({"name": name, **measure_in_subprocess(config, [*overrides, "train.compile=false", *variant],
+                                                              steps)})
         log(f"  val loss {results[-1]['val_loss']:.4f}, {results[-1]['tok_s']:,.0f} tok/s")
     refresh = time_projector_refresh()
     report = {"machine": machine(), "steps": steps, "variants": results, "projector_refresh": refresh}
@@ -134,17 +105,3 @@ def format_report(report: dict) -> str:
                   f"projection error {p['exact_projection_error']:.4f} exact vs {p['randomized_projection_error']:.4f} "
                   f"randomized ({100 * (p['randomized_projection_error'] / p['exact_projection_error'] - 1):+.1f}%)."]
     return "\n".join(lines)
-
-
-def _variant_main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--variant", required=True, choices=list(VARIANTS))
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--config")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    args = p.parse_args()
-    print(json.dumps(run_variant(args.variant, args.config, args.overrides, args.steps)))
-
-
-if __name__ == "__main__":
-    _variant_main()

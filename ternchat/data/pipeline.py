@@ -30,7 +30,7 @@ from ternchat.data.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, ev
 from ternchat.paths import building, ternchat_home
 
 STEPS = ("corpus", "tokenizer", "shards")
-CORPUS_FORMAT = 3  # bump when cleaning or the corpus layout changes what a step produces
+CORPUS_FORMAT = 4  # bump when cleaning or the corpus layout changes what a step produces
 Log = Callable[[str], None]
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from ternchat.model.bitlinear import BitLinear, TernaryLinear, to_inference
 from ternchat.model.gpt import GPT, GPTShape
 
-FORMAT = "ternchat-packed-1"
+FORMAT = "ternchat-packed-2"  # 2: q, k, v as separate matrices
 TRITS_PER_BYTE = 5
 _POWERS = torch.tensor([3 ** i for i in range(TRITS_PER_BYTE)], dtype=torch.int32)
 

@@ -2,10 +2,11 @@
 
 Read top to bottom: token embedding (full precision, untied from the head) -> `depth` pre-norm
 blocks -> final RMSNorm -> LM head (full precision). A block is
-    x = x + o_proj(SubLN(attention(RMSNorm(x))))      attention: QK-norm, RoPE, causal SDPA
+    x = x + o_proj(SubLN(attention(RMSNorm(x))))      attention: q/k/v projections, QK-norm, RoPE, causal SDPA
     x = x + down(SubLN(relu(up(RMSNorm(x)))^2))       ReLU^2 MLP
-with SubLN the extra RMSNorm before the output projections of BitNet b1.58 2B4T. There are no
-biases. Which linear is built (ternary or dense) is the layer factory's choice (`make_linear`).
+with SubLN the extra RMSNorm before the output projections of BitNet b1.58 2B4T. As there, q, k
+and v are three BitLinear layers, each with its own absmean scale (a fused QKV matrix would share
+one scale, and Muon would orthogonalize the three as one matrix). There are no biases. Which linear is built (ternary or dense) is the layer factory's choice (`make_linear`).
 A KV cache serves incremental decoding.
 """
 
@@ -88,14 +89,16 @@ class Attention(nn.Module):
     def __init__(self, s: GPTShape, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.head_dim = layer, s.n_heads, s.head_dim
-        self.qkv = make_linear(s.d_model, 3 * s.d_model, s.quant)
+        self.q_proj = make_linear(s.d_model, s.d_model, s.quant)
+        self.k_proj = make_linear(s.d_model, s.d_model, s.quant)
+        self.v_proj = make_linear(s.d_model, s.d_model, s.quant)
         self.q_norm, self.k_norm = rms_norm(s.head_dim), rms_norm(s.head_dim)
         self.sub_norm = rms_norm(s.d_model)
         self.o_proj = make_linear(s.d_model, s.d_model, s.quant)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).unbind(dim=2)
+        q, k, v = (proj(x).view(B, T, self.n_heads, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         start = 0
@@ -151,7 +154,7 @@ class GPT(nn.Module):
         nn.init.normal_(self.embed.weight, std=1.0)
         nn.init.normal_(self.lm_head.weight, std=0.001)
         for block in self.blocks:
-            for linear in (block.attn.qkv, block.mlp.up):
+            for linear in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.mlp.up):
                 nn.init.normal_(linear.weight, std=linear.in_features ** -0.5)
             for linear in (block.attn.o_proj, block.mlp.down):  # residual branches start silent
                 nn.init.zeros_(linear.weight)

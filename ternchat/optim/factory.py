@@ -1,9 +1,11 @@
 """The optimizer factory: parameter groups -> optimizers, behind one step()/state_dict() face.
 
 2-D matrices inside the transformer blocks go to the matrix optimizer (`optim.matrix_optimizer`:
-Muon, FOAM or AdamW; with `use_galore`, GUM for Muon and GaLore for AdamW; with `use_8bit_optim`,
-int8 Muon/GUM momentum); the token embedding, the LM head and the norm gains go to AdamW (8-bit
-through bitsandbytes with `adamw_8bit`, or FOAM for embedding and head with `foam_embed_head`),
+Muon, FOAM or AdamW; with `use_galore`, GUM for Muon, one parameter group per transformer block
+since GUM samples whole blocks, and GaLore for AdamW; with `use_8bit_optim`, int8 Muon/GUM
+momentum); the token embedding, the LM head and the norm gains go to AdamW (8-bit through
+bitsandbytes with `adamw_8bit`, or FOAM for embedding and head with `foam_embed_head`, there with
+scale 1 so their learning rates mean what they mean for AdamW),
 each with its own learning rate. The trainer sees a `CombinedOptimizer` and nothing else, so new
 optimizers plug in here without touching the loop.
 """
@@ -73,9 +75,11 @@ def _adamw_for(params_groups: list[dict], cfg: OptimConfig, eight_bit: bool) -> 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> CombinedOptimizer:
     """Block matrices -> Muon / GUM / GaLore-AdamW / FOAM / AdamW; embedding, head, gains -> AdamW or FOAM."""
     matrices, gains = [], []
+    layers: dict[str, list[torch.Tensor]] = {}  # block index -> its matrices (GUM samples whole blocks)
     for name, p in model.named_parameters():
         if name.startswith("blocks.") and p.ndim == 2:
             matrices.append(p)
+            layers.setdefault(name.split(".")[1], []).append(p)
         elif name.startswith(("blocks.", "final_norm.")):
             gains.append(p)
     embed_head = [dict(params=[model.embed.weight], lr=cfg.lr_embed, weight_decay=0.0),
@@ -85,8 +89,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> CombinedOptimizer:
     galore = dict(rank=cfg.galore_rank, update_freq=cfg.galore_update_freq, min_dim=cfg.galore_min_dim,
                   oversample=cfg.galore_oversample, power_iters=cfg.galore_power_iters, seed=cfg.seed)
     if cfg.matrix_optimizer == "muon" and cfg.use_galore:
-        matrix_opt = GUM(matrices, lr=cfg.lr_matrix, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
-                         full_rank_prob=cfg.gum_full_rank_prob, state_bits=bits, block_size=cfg.block_size_8bit,
+        matrix_opt = GUM([dict(params=ps) for ps in layers.values()], lr=cfg.lr_matrix, momentum=cfg.muon_momentum,
+                         weight_decay=cfg.weight_decay, full_rank_layers=cfg.gum_full_rank_layers, state_bits=bits,
+                         block_size=cfg.block_size_8bit,
                          stochastic_rounding=cfg.stochastic_rounding, **galore)
     elif cfg.matrix_optimizer == "muon":
         matrix_opt = Muon(matrices, lr=cfg.lr_matrix, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
@@ -100,7 +105,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> CombinedOptimizer:
                           f"not {cfg.matrix_optimizer!r}")
     elif cfg.matrix_optimizer == "foam":
         matrix_opt = FOAM(matrices, lr=cfg.lr_matrix, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                          level=cfg.foam_level)
+                          level=cfg.foam_level, scale=cfg.foam_scale)
     else:
         matrix_opt = torch.optim.AdamW([dict(params=matrices, lr=cfg.lr_matrix, weight_decay=cfg.weight_decay)],
                                        betas=(cfg.beta1, cfg.beta2), eps=1e-8)

@@ -8,14 +8,26 @@ else R = G Q with Q (n x r), runs the base optimizer on R, and projects the upda
 power iterations, QR-orthonormalized, then the small core's left singular vectors from the
 eigendecomposition of core core^T) instead of a full SVD.
 
-With a Muon base this module implements GUM (Pan et al. 2025, arXiv:2510.17802), the unbiased
-scheme: every period each matrix is drawn for a full-rank update with probability q. A low-rank
-matrix keeps momentum R <- beta R + P^T G / (1 - q) and moves by P NS(R); a full-rank one keeps
-R <- beta R + (G - P P^T G) / q and moves by NS(R), so the expected update is the full gradient's.
-Momentum restarts at each period because the subspace changes. Matrices below `min_dim` use the
-plain base optimizer. GaLore's `scale` multiplies the AdamW-based update only: scaling one GUM
-branch would bias it again. Randomness (sketches, draws, stochastic rounding) comes from
-generators seeded by (seed, period, matrix), so a resumed run repeats it exactly.
+GaLore-AdamW restarts its moments at each refresh, because they are coordinates in the old basis,
+and bias-corrects them with the steps since that restart (Adam's correction for moments that start
+at zero). The official code (jiaweizzhao/GaLore) keeps the moments across refreshes and corrects
+with the global step, which after a refresh mixes two bases; restarting them and correcting with
+the global step, as an earlier version here did, made the first updates of each period up to ~2x
+off (beta2 = 0.999).
+
+With a Muon base this module implements GUM (Pan et al. 2025, arXiv:2510.17802). Like LISA, it
+samples layers: every period, `full_rank_layers` = gamma of the N_L layers (here: the optimizer's
+parameter groups, one per transformer block) are drawn uniformly without replacement, so each
+layer is drawn with probability q = gamma / N_L and exactly gamma take a full-rank step. A
+matrix of a drawn layer keeps momentum R <- beta R + (G - P P^T G) / q on the complement of the
+subspace and moves by NS(R); the others keep R <- beta R + P^T G / (1 - q) and move by P NS(R).
+What is unbiased is the gradient estimate fed to the momentum: E[G_hat] = (1-q) P P^T G / (1-q)
++ q (G - P P^T G) / q = G. The update is not: Newton-Schulz is nonlinear, and since the momentum
+restarts every period (the subspace changes) each buffer holds terms of one weight only, so the
+1/q and 1/(1-q) factors cancel inside NS's normalization; they are kept so the buffer is the
+paper's unbiased estimate. Matrices below `min_dim` use plain Muon. GaLore's `scale` multiplies
+the AdamW-based update only. Randomness (sketches, layer draws, stochastic rounding) comes from
+generators seeded by (seed, period, ...), so a resumed run repeats it exactly.
 """
 
 from __future__ import annotations
@@ -108,16 +120,18 @@ class GaLoreAdamW(_LowRankBase):
         for group, p, state, step, g in self._gradients():
             (b1, b2), eps, lr, wd = group["betas"], group["eps"], group["lr"], group["weight_decay"]
             galore = self.uses_galore(p)
+            moment_steps = step
             if galore:
                 proj, fresh = self._projector(p, g, step)
                 g = proj.down(g)
                 if fresh:  # moments live in the old subspace's coordinates: start again
                     state.pop("exp_avg", None), state.pop("exp_avg_sq", None)
+                moment_steps = (step - 1) % self.update_freq + 1  # steps since the restart
             m = state.setdefault("exp_avg", torch.zeros_like(g))
             v = state.setdefault("exp_avg_sq", torch.zeros_like(g))
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            update = (m / (1 - b1 ** step)) / ((v / (1 - b2 ** step)).sqrt() + eps)
+            update = (m / (1 - b1 ** moment_steps)) / ((v / (1 - b2 ** moment_steps)).sqrt() + eps)
             if galore:
                 update = proj.up(update) * self.scale
             p.mul_(1 - lr * wd)
@@ -125,18 +139,32 @@ class GaLoreAdamW(_LowRankBase):
 
 
 class GUM(_LowRankBase):
-    """GaLore Unbiased with Muon; `state_bits=8` keeps the (low-rank or complement) momentum in int8."""
+    """GaLore Unbiased with Muon; each parameter group is one layer of the paper's layer sampling.
+    `state_bits=8` keeps the (low-rank or complement) momentum in int8."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
-                 rank: int = 128, update_freq: int = 200, full_rank_prob: float = 0.1, min_dim: int = 256,
+                 rank: int = 128, update_freq: int = 200, full_rank_layers: int = 1, min_dim: int = 256,
                  oversample: int = 8, power_iters: int = 2, ns_steps: int = 5, state_bits: int = 32,
                  block_size: int = 2048, stochastic_rounding: bool = False, seed: int = 0):
-        if not 0 < full_rank_prob < 1:
-            raise ValueError(f"GUM's full-rank probability q must be in (0, 1), got {full_rank_prob}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps),
                          rank, update_freq, min_dim, oversample, power_iters, seed)
-        self.q = full_rank_prob
+        self._layer = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        # Only layers with a matrix projected below full rank take part in the draw.
+        self.layers = sorted({self._layer[p] for g in self.param_groups for p in g["params"] if self.has_complement(p)})
+        if self.layers and not 0 < full_rank_layers < len(self.layers):
+            raise ValueError(f"GUM draws gamma = {full_rank_layers} full-rank layers per period out of "
+                             f"{len(self.layers)}; gamma must be at least 1 and less than the number of layers")
+        self.full_rank_layers = full_rank_layers
+        self.q = full_rank_layers / len(self.layers) if self.layers else 0.0
         self.codec = StateCodec(state_bits, block_size, stochastic_rounding, seed)
+
+    def has_complement(self, p: torch.Tensor) -> bool:
+        return self.uses_galore(p) and self.rank < min(p.shape)
+
+    def full_rank_draw(self, period: int) -> set[int]:
+        """The layers (parameter-group indices) that take the full-rank step in `period`."""
+        order = torch.randperm(len(self.layers), generator=seeded_generator(self.seed, period, -1))
+        return {self.layers[i] for i in order[:self.full_rank_layers].tolist()}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -144,12 +172,11 @@ class GUM(_LowRankBase):
             beta, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
             low_rank = False
             if self.uses_galore(p):
-                # At full rank there is no complement to debias: never draw the full-rank branch.
-                q = self.q if self.rank < min(p.shape) else 0.0
+                # At full rank there is no complement to debias: such a matrix never takes that branch.
+                q = self.q if self.has_complement(p) else 0.0
                 proj, fresh = self._projector(p, g, step)
                 if fresh:
-                    draw = torch.rand((), generator=seeded_generator(self.seed, state["period"], self._index[p], 1))
-                    state["full_rank"] = bool(draw < q)
+                    state["full_rank"] = q > 0 and self._layer[p] in self.full_rank_draw(state["period"])
                     self.codec.drop(state, "momentum")
                 low_rank = not state["full_rank"]
                 g = proj.down(g) / (1 - q) if low_rank else (g - proj.up(proj.down(g))) / q

@@ -7,7 +7,8 @@ the quintic Newton-Schulz map X <- aX + (bA + cA^2)X, A = XX^T, (a, b, c) = (3.4
 2.0315), which pushes all singular values towards [0.7, 1.2] without an SVD. The update is
 scaled by sqrt(max(1, rows/cols)) so tall and wide matrices move alike, and weight decay is
 decoupled: W <- W(1 - lr wd) - lr update. Matrices of one shape are orthogonalized together in
-one batched iteration.
+batched iterations over stacks of up to NS_CHUNK_VALUES values, which bounds the step's temporary
+memory (16-21 bytes per stacked value, measured; see ternchat/plan.py) at any model size.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ import torch
 from ternchat.optim.quant8 import StateCodec
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+NS_CHUNK_VALUES = 1 << 26  # matrices stacked into one batched Newton-Schulz run, counted in values
+
+
+def stack_size(rows: int, cols: int) -> int:
+    """How many rows x cols matrices one batched Newton-Schulz run takes."""
+    return max(1, NS_CHUNK_VALUES // (rows * cols))
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
@@ -60,7 +67,9 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     by_shape[tuple(p.shape)].append(p)
-            for (rows, cols), params in by_shape.items():
+            stacks = [((rows, cols), params[i:i + stack_size(rows, cols)]) for (rows, cols), params in by_shape.items()
+                      for i in range(0, len(params), stack_size(rows, cols))]
+            for (rows, cols), params in stacks:
                 grads = [p.grad.float() for p in params]
                 bufs = [self.codec.load(self.state[p], "momentum_buffer", p) for p in params]
                 torch._foreach_lerp_(bufs, grads, 1 - beta)

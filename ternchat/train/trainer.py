@@ -2,9 +2,16 @@
 
 The loop knows the model, the optimizer factory's `CombinedOptimizer` and the schedule, and
 nothing about which optimizer or linear layer runs. A run lives in `runs/<name>/`: the resolved
-`config.toml`, a copy of the tokenizer, `metrics.jsonl`, `checkpoints/`, `samples/`. With a time
-budget instead of a step count, the number of steps is fixed once from the first steps' speed
-and saved, so a resumed run follows the same schedule and repeats the same losses.
+`config.toml`, a copy of the tokenizer, `metrics.jsonl`, `checkpoints/`, `samples/`.
+
+With a time budget instead of a step count (`train.time_limit_min`, `max_steps = 0`), the run
+trains at constant LR after warmup until the wall clock reaches the start of the warmdown
+(`1 - warmdown_frac` of 90% of the budget; the rest is left for the final evaluation), then
+fixes the warmdown's step count from the seconds per step measured over all steps so far (each
+session's first step, which compiles, left out; evals and checkpoints included), and
+`bitnet_two_stage` switches stage when the clock passes the middle. Those decisions are saved in
+the checkpoints, so a resumed run repeats the same steps and losses; until they are made, the
+LR does not depend on the run's length, so resuming earlier changes nothing either.
 """
 
 from __future__ import annotations
@@ -35,11 +42,11 @@ from ternchat.optim.factory import build_optimizer
 from ternchat.train.errors import RunError
 from ternchat.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ternchat.train.metrics import MetricsLog
-from ternchat.train.schedule import schedule
+from ternchat.train.schedule import RunLength, schedule
 
 SAMPLE_PROMPTS = ["fn fibonacci(n: u64) -> u64 {", "pub struct Stack<T> {",
                   "use std::collections::HashMap;\n\nfn main() {"]
-TIMING_STEPS = 5  # steps measured before fixing the length of a time-budgeted run
+TRAINING_SHARE_OF_BUDGET = 0.9  # of a time budget; the rest is left for the final evals and samples
 
 
 class TrainingError(RunError):
@@ -133,7 +140,10 @@ class Trainer:
         self.autocast = autocast_for(t.dtype, self.device)
         self.forward = compile_if_possible(self.model, self.device, log) if t.compile else self.model
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
-        self.step, self.max_steps, self.tokens_seen, self.elapsed = 0, t.max_steps, 0, 0.0
+        self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
+        self.length = RunLength.fixed(t.max_steps, t.warmdown_frac) if t.max_steps else RunLength()
+        # Wall clock of the loop over all sessions, and the steps timed for the run-length decision.
+        self.clock, self.wall_seconds, self.timed_seconds, self.timed_steps = time.perf_counter, 0.0, 0.0, 0
         self._inference: tuple[int | None, GPT | None] = (None, None)
         if checkpoint is not None:
             self._resume(checkpoint)
@@ -151,21 +161,26 @@ class Trainer:
     def _resume(self, checkpoint: Path) -> None:
         state = load_checkpoint(checkpoint, self.model, self.optimizer, self.shape)
         self.train_loader.load_state_dict(state["loader"])
-        self.step, self.max_steps = state["step"], state["max_steps"]
+        self.step, self.length = state["step"], RunLength(**state["length"])
         self.tokens_seen, self.elapsed = state["tokens_seen"], state["elapsed"]
+        self.wall_seconds, self.timed_seconds, self.timed_steps = (state["wall_seconds"], state["timed_seconds"],
+                                                                   state["timed_steps"])
         self.metrics.truncate_after(self.step)
-        self.log(f"resumed {self.run_dir} from {checkpoint.name} (step {self.step} of {self.max_steps})")
+        of = f"of {self.length.total}" if self.length.total else "of a time budget, length not fixed yet"
+        self.log(f"resumed {self.run_dir} from {checkpoint.name} (step {self.step} {of})")
 
     def _checkpoint(self) -> None:
         save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, {
-            "step": self.step, "max_steps": self.max_steps, "tokens_seen": self.tokens_seen,
-            "elapsed": self.elapsed, "loader": self.train_loader.state_dict(), "model_shape": asdict(self.shape)})
+            "step": self.step, "length": self.length.to_dict(), "tokens_seen": self.tokens_seen,
+            "elapsed": self.elapsed, "wall_seconds": self.wall_seconds, "timed_seconds": self.timed_seconds,
+            "timed_steps": self.timed_steps, "loader": self.train_loader.state_dict(),
+            "model_shape": asdict(self.shape)})
 
     # --- pieces of a step -------------------------------------------------------------------
     def _train_step(self) -> float:
         t, o = self.cfg.train, self.cfg.optim
-        lr_scale, wd_scale = schedule(self.step, self.max_steps or 1, t.warmup_steps, t.warmdown_frac, t.schedule)
-        self.optimizer.set_schedule(lr_scale, wd_scale)
+        self.lr_scale, wd_scale = schedule(self.step, self.length, t.warmup_steps, t.schedule)
+        self.optimizer.set_schedule(self.lr_scale, wd_scale)
         total = torch.zeros((), device=self.device)
         for _ in range(t.grad_accum):
             x, y = self.train_loader.next_batch()
@@ -194,20 +209,23 @@ class Trainer:
         return self._inference[1]
 
     def rust_problems_eval(self) -> dict:
-        """Compile rate and pass@1 of greedy completions of the shipped Rust problems, in the sandbox."""
+        """Compile rate and pass@1 of greedy completions of the shipped Rust problems, in the sandbox;
+        skipped, with the reason, where the sandbox cannot isolate the programs (or rustc is missing)."""
         from ternchat.verify.humaneval import load_problems, score
         from ternchat.verify.metrics import summarize
-        from ternchat.verify.sandbox import RustcMissing
+        from ternchat.verify.sandbox import Limits, SandboxUnavailable, checked_isolation
 
+        limits = Limits(allow_unisolated=self.cfg.eval.allow_unisolated)
+        try:
+            checked_isolation(limits)
+        except SandboxUnavailable as err:
+            self.log(f"warning: skipping the compiled evaluation of the shipped Rust problems: {err}")
+            return {}
         problems = load_problems()
         model = self.inference_model()
         completions = {p.name: [complete(model, self.tok, p.prompt, 256, p.stop_tokens, temperature=0.0)]
                        for p in problems}
-        try:
-            summary = summarize(score(problems, completions), [1])
-        except RustcMissing as err:
-            self.log(f"warning: skipping the compiled evaluation: {err}")
-            return {}
+        summary = summarize(score(problems, completions, limits=limits), [1])
         record = {"rust_pass@1": summary["pass@k"]["pass@1"], "rust_compile_rate": summary["compile_rate"],
                   "rust_problems": summary["problems"]}
         self.metrics.write(step=self.step, **record)
@@ -215,42 +233,44 @@ class Trainer:
                  f"{record['rust_compile_rate']:.3f} ({summary['problems']} problems, greedy)")
         return record
 
-    def _fix_length_from_speed(self, run_start: float, timing_start: float) -> None:
-        now = time.perf_counter()
-        per_step = (now - timing_start) / TIMING_STEPS
-        # Leave a tenth of the budget for evals, samples and checkpoints; warm-up already spent its share.
-        remaining = self.cfg.train.time_limit_min * 60 * 0.9 - (now - run_start)
-        self.max_steps = self.step + max(1, int(remaining / per_step))
-        self.log(f"{per_step:.2f}s per step: a {self.cfg.train.time_limit_min:g}-minute budget is "
-                 f"{self.max_steps} steps")
+    def _follow_the_clock(self) -> None:
+        """With a time budget: fix bitnet's stage switch and the warmdown when the clock reaches them."""
+        t = self.cfg.train
+        budget = t.time_limit_min * 60 * TRAINING_SHARE_OF_BUDGET
+        if t.schedule == "bitnet_two_stage" and self.length.stage2_start is None and self.wall_seconds >= budget / 2:
+            self.length.fix_stage2(self.step)
+            self.metrics.write(step=self.step, event="stage2_start", wall_seconds=self.wall_seconds)
+        if self.wall_seconds < (1 - t.warmdown_frac) * budget:
+            return
+        per_step = (self.timed_seconds / self.timed_steps if self.timed_steps
+                    else self.wall_seconds / max(self.step, 1))
+        warmdown = max(1, round((budget - self.wall_seconds) / per_step))
+        self.length.fix_warmdown(self.step, warmdown)
+        self.metrics.write(step=self.step, event="run_length", total=self.length.total, seconds_per_step=per_step,
+                           wall_seconds=self.wall_seconds)
+        self.log(f"{per_step:.2f} s per step over {self.timed_steps} steps: the {t.time_limit_min:g}-minute budget "
+                 f"ends after {self.length.total} steps ({warmdown} of warmdown from step {self.step})")
 
     def _due(self, every: int) -> bool:
-        return self.step == self.max_steps or (every > 0 and self.step % every == 0)
+        return self.step == self.length.total or (every > 0 and self.step % every == 0)
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self) -> dict:
         t, e = self.cfg.train, self.cfg.eval
-        if self.max_steps == 0 and t.time_limit_min == 0:
+        if self.length.total is None and t.time_limit_min == 0:
             raise TrainingError("set train.max_steps or train.time_limit_min; both are 0")
         tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.seq_len
-        timing = self.max_steps == 0
-        bar = tqdm(total=self.max_steps or None, initial=self.step, desc="train", unit="step", file=sys.stderr)
+        bar = tqdm(total=self.length.total, initial=self.step, desc="train", unit="step", file=sys.stderr)
         bad_steps, last_val, samples, start = 0, {}, [], time.perf_counter()
-        timing_start = start
-        while self.max_steps == 0 or self.step < self.max_steps:
+        first_of_session = True
+        while self.length.total is None or self.step < self.length.total:
+            iteration_start = self.clock()
             step_start = time.perf_counter()
             loss = self._train_step()
             self.step += 1
             self.tokens_seen += tokens_per_step
-            self.elapsed += time.perf_counter() - step_start
-            if timing and self.step == 1:
-                timing_start = time.perf_counter()  # the first step pays for warm-up and compilation
-            if timing and self.step == 1 + TIMING_STEPS:
-                self._fix_length_from_speed(start, timing_start)
-                bar.reset(total=self.max_steps)
-                bar.update(self.step - 1)  # this step is counted below with the others
-                timing = False
-            tok_s = tokens_per_step / max(time.perf_counter() - step_start, 1e-9)
+            step_seconds = time.perf_counter() - step_start
+            self.elapsed += step_seconds
             if not math.isfinite(loss):
                 bad_steps += 1
                 self.metrics.write(step=self.step, event="nonfinite_loss", loss=str(loss))
@@ -258,20 +278,34 @@ class Trainer:
                 if bad_steps >= t.max_bad_steps:
                     raise TrainingError(f"{bad_steps} non-finite losses in a row at step {self.step}; stopping. "
                                         "The last good checkpoint is kept; lower the learning rate and --resume.")
-                continue
-            bad_steps = 0
-            self.metrics.write(step=self.step, loss=loss, tokens=self.tokens_seen, tok_s=tok_s,
-                               elapsed_s=self.elapsed)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+            else:
+                bad_steps = 0
+                tok_s = tokens_per_step / max(step_seconds, 1e-9)
+                self.metrics.write(step=self.step, loss=loss, lr_scale=self.lr_scale, tokens=self.tokens_seen,
+                                   tok_s=tok_s, elapsed_s=self.elapsed)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                if self._due(e.every_steps):
+                    last_val = self.evaluate()
+                    self.metrics.write(step=self.step, **last_val)
+                    bar.write(f"step {self.step}: val loss {last_val['val_loss']:.4f}, "
+                              f"val bpb {last_val['val_bpb']:.4f}")
+                if self._due(e.sample_every):
+                    samples = write_samples(self.inference_model(), self.tok,
+                                            self.run_dir / "samples" / f"step_{self.step:06d}.md", e.sample_tokens,
+                                            seed=t.seed)
             bar.update(1)
-            if self.max_steps and self._due(e.every_steps):
-                last_val = self.evaluate()
-                self.metrics.write(step=self.step, **last_val)
-                bar.write(f"step {self.step}: val loss {last_val['val_loss']:.4f}, val bpb {last_val['val_bpb']:.4f}")
-            if self.max_steps and self._due(e.sample_every):
-                samples = write_samples(self.inference_model(), self.tok, self.run_dir / "samples" / f"step_{self.step:06d}.md",
-                              e.sample_tokens, seed=t.seed)
-            if self.max_steps and self._due(t.checkpoint_every):
+            iteration = self.clock() - iteration_start
+            self.wall_seconds += iteration
+            if not first_of_session:  # a session's first step compiles; it would skew the speed
+                self.timed_seconds += iteration
+                self.timed_steps += 1
+            first_of_session = False
+            if self.length.total is None:
+                self._follow_the_clock()
+                if self.length.total is not None:
+                    bar.reset(total=self.length.total)
+                    bar.update(self.step)
+            if self._due(t.checkpoint_every) and bad_steps == 0:
                 self._checkpoint()
         bar.close()
         compiled = self.rust_problems_eval() if e.rust_problems else {}

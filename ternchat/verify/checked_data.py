@@ -18,18 +18,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ternchat.verify.sandbox import check_metadata, check_parse
+from ternchat.verify.sandbox import Limits, check_metadata, check_parse
 
 TAGS = ("compiles", "parses", "syntax_error", "unchecked")
 
 
-def tag_source(source: str, edition: str = "2021") -> dict:
-    full = check_metadata(source, edition)
+def tag_source(source: str, edition: str = "2021", limits: Limits = Limits()) -> dict:
+    full = check_metadata(source, edition, limits)
     if full.outcome == "ok":
         return {"tag": "compiles", "codes": []}
     if full.outcome != "compile_error":
         return {"tag": "unchecked", "codes": []}
-    parsed = check_parse(source, edition)
+    parsed = check_parse(source, edition, limits)
     if parsed.outcome == "ok":
         return {"tag": "parses", "codes": full.error_codes}
     return {"tag": "syntax_error" if parsed.outcome == "compile_error" else "unchecked", "codes": parsed.error_codes}
@@ -47,7 +47,8 @@ def _load_cache(path: Path) -> dict[str, dict]:
     return cache
 
 
-def verify_corpus(corpus_dir: Path, cache_dir: Path, limit: int = 0, workers: int = 2) -> dict:
+def verify_corpus(corpus_dir: Path, cache_dir: Path, limit: int = 0, workers: int = 2,
+                  limits: Limits = Limits()) -> dict:
     """Tag the corpus's files (the first `limit` of each split if > 0); return counts per tag."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache_path = cache_dir / "tags.jsonl"
@@ -63,7 +64,7 @@ def verify_corpus(corpus_dir: Path, cache_dir: Path, limit: int = 0, workers: in
                 docs.append((split, doc["crate"], doc["path"], doc["text"], key))
     todo = sorted({(key, text) for _, _, _, text, key in docs if key not in cache})
     with ThreadPoolExecutor(max_workers=workers) as pool, open(cache_path, "a", encoding="utf-8") as out:
-        results = pool.map(lambda item: tag_source(item[1], item[0][1]), todo)
+        results = pool.map(lambda item: tag_source(item[1], item[0][1], limits), todo)
         for ((sha, edition), _), result in tqdm(zip(todo, results), total=len(todo), desc="rustc check", unit="file"):
             cache[(sha, edition)] = result
             out.write(json.dumps({"sha256": sha, "edition": edition, **result}) + "\n")

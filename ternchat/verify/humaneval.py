@@ -1,11 +1,22 @@
-"""HumanEval-Rust in MultiPL-E's format, scored with the sandbox.
+"""HumanEval-Rust problems in two layouts, scored with the sandbox.
 
-A problem has `name`, `prompt` (doc comment and signature), `tests` (closes the function and adds
-a `main` of asserts) and `stop_tokens`. As MultiPL-E does, a completion is cut at the first stop
-token and the program is `prompt + completion + "\\n" + tests`; it passes when it compiles and
-exits 0. Problems load from any local JSON/JSONL file in that format, from the Hugging Face
-dataset `nuprl/MultiPL-E` (config `humaneval-rs`, with the `hf` extra), or from the small set
-shipped with ternchat (`ternchat/verify/problems/rust_basics.jsonl`, with reference solutions).
+MultiPL-E's layout: a problem has `name`, `prompt` (doc comment and signature), `tests` (closes the
+function and adds a `main` of asserts) and `stop_tokens`. As MultiPL-E does, a completion is cut at
+the first stop token and the program is `prompt + completion + "\\n" + tests`; it passes when it
+compiles and exits 0.
+
+The test-module layout common to other HumanEval-Rust sets: a row has `task_id`, `prompt` (ending
+in the function's opening brace), `canonical_solution` (the body and the closing brace, sometimes
+with helper functions), `test` (a `#[cfg(test)] mod tests { #[test] fn ... }` module),
+`entry_point` and optionally `edition` (default 2021) and `stop_tokens`. The program
+`prompt + completion + "\\n" + test` is compiled with `rustc --test` and the test binary run; it
+passes when every test passes. A `test` without a `#[test]` function is refused, since its harness
+would pass with nothing checked. A model completion is cut at its stop tokens (default: where it
+starts a test module or a `main` of its own); a canonical solution is scored as it is.
+
+Problems load from any local JSON/JSONL file in either layout, from the Hugging Face dataset
+`nuprl/MultiPL-E` (config `humaneval-rs`, with the `hf` extra), or from the small set shipped with
+ternchat (`ternchat/verify/problems/rust_basics.jsonl`, with reference solutions).
 """
 
 from __future__ import annotations
@@ -16,9 +27,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ternchat.verify.sandbox import Limits, Outcome, run_many
+from ternchat.data.errors import DataError
+from ternchat.verify.sandbox import Limits, Outcome, Program, run_many
 
 SHIPPED = "rust_basics"
+TEST_MODULE_STOP_TOKENS = ("\n#[cfg(test)]", "\nfn main(")
+
+
+class ProblemError(DataError):
+    """A problem file that cannot be scored as it is: missing fields, tests that check nothing."""
 
 
 @dataclass(frozen=True)
@@ -28,14 +45,30 @@ class Problem:
     tests: str
     stop_tokens: tuple[str, ...]
     reference: str | None = None  # a known-good completion, where the source has one
+    test_module: bool = False  # the tests are #[test] functions run by `rustc --test`'s harness
+    edition: str = "2021"
 
 
 def _problem(row: dict) -> Problem:
+    if "test" in row and "tests" not in row:
+        return _test_module_problem(row)
     missing = [k for k in ("name", "prompt", "tests") if k not in row]
     if missing:
-        raise ValueError(f"problem {row.get('name', '?')} lacks {', '.join(missing)}")
+        raise ProblemError(f"problem {row.get('name', '?')} lacks {', '.join(missing)}")
     return Problem(row["name"], row["prompt"], row["tests"], tuple(row.get("stop_tokens") or ["\n}"]),
-                   row.get("canonical_solution"))
+                   row.get("canonical_solution"), edition=str(row.get("edition", "2021")))
+
+
+def _test_module_problem(row: dict) -> Problem:
+    name = row.get("task_id") or row.get("name")
+    missing = [k for k, v in (("task_id", name), ("prompt", row.get("prompt"))) if v is None]
+    if missing:
+        raise ProblemError(f"problem {name or '?'} lacks {', '.join(missing)}")
+    if "#[test]" not in row["test"]:
+        raise ProblemError(f"problem {name}: its test has no #[test] function, so `rustc --test` would pass it "
+                         "with nothing checked")
+    return Problem(name, row["prompt"], row["test"], tuple(row.get("stop_tokens") or TEST_MODULE_STOP_TOKENS),
+                   row.get("canonical_solution"), test_module=True, edition=str(row.get("edition", "2021")))
 
 
 def load_problems(source: str | Path = SHIPPED) -> list[Problem]:
@@ -47,7 +80,7 @@ def load_problems(source: str | Path = SHIPPED) -> list[Problem]:
         try:
             import datasets
         except ImportError:
-            raise RuntimeError("--problems hf needs the 'hf' extra: pip install 'ternchat[hf]'") from None
+            raise ProblemError("--problems hf needs the 'hf' extra: pip install 'ternchat[hf]'") from None
         return [_problem(dict(row)) for row in datasets.load_dataset("nuprl/MultiPL-E", "humaneval-rs", split="test")]
     path = Path(source)
     text = path.read_text(encoding="utf-8")
@@ -65,18 +98,32 @@ def stop_at_stop_tokens(completion: str, stop_tokens: Sequence[str]) -> str:
     return completion[:cut]
 
 
-def build_program(problem: Problem, completion: str) -> str:
-    return problem.prompt + stop_at_stop_tokens(completion, problem.stop_tokens) + "\n" + problem.tests
+def build_program(problem: Problem, completion: str, cut: bool = True) -> str:
+    """The program for one completion; `cut=False` keeps it whole (canonical solutions)."""
+    body = stop_at_stop_tokens(completion, problem.stop_tokens) if cut else completion
+    return problem.prompt + body + "\n" + problem.tests
+
+
+def references(problems: Sequence[Problem]) -> dict[str, list[str]]:
+    """The canonical solution of every problem, as completions; every problem must have one."""
+    missing = [p.name for p in problems if p.reference is None]
+    if missing:
+        raise ProblemError(f"{len(missing)} problem(s) have no canonical_solution to score (first: {missing[0]}); "
+                         "give --completions or --run")
+    return {p.name: [p.reference] for p in problems}
 
 
 def score(problems: Sequence[Problem], completions: dict[str, list[str]], *, workers: int = 0,
-          limits: Limits = Limits(), progress: Callable[[int], None] | None = None) -> dict[str, list[Outcome]]:
-    """Run every completion of every problem; outcomes per problem name, in completion order."""
+          limits: Limits = Limits(), progress: Callable[[int], None] | None = None,
+          cut: bool = True) -> dict[str, list[Outcome]]:
+    """Run every completion of every problem; outcomes per problem name, in completion order.
+    `cut=False` scores completions whole, as canonical solutions are."""
     by_name = {p.name: p for p in problems}
     unknown = sorted(set(completions) - set(by_name))
     if unknown:
-        raise ValueError(f"completions for unknown problems: {', '.join(unknown[:5])}")
-    jobs = [(name, build_program(by_name[name], c)) for name, cs in completions.items() for c in cs]
+        raise ProblemError(f"completions for unknown problems: {', '.join(unknown[:5])}")
+    jobs = [(name, Program(build_program(by_name[name], c, cut), by_name[name].edition, by_name[name].test_module))
+            for name, cs in completions.items() for c in cs]
     outcomes = run_many([program for _, program in jobs], workers=workers, limits=limits, progress=progress)
     results: dict[str, list[Outcome]] = {name: [] for name in completions}
     for (name, _), outcome in zip(jobs, outcomes):

@@ -10,6 +10,11 @@ no network, no host files (so neither `include_str!("/etc/shadow")` at compile t
 `~/.ssh` at run time finds anything), and every process dies with the sandbox. When ternchat runs
 as root, the program itself runs under an unprivileged uid (one per pool slot) so the process
 limit bites. `isolation()` reports which mechanisms are active. Every outcome gets one class.
+
+The sandbox fails closed: where the namespaces cannot be had (bubblewrap missing, or user
+namespaces disabled) nothing is compiled or run and `SandboxUnavailable` names the fix, unless the
+caller opts out with `Limits(allow_unisolated=True)` (`--allow-unisolated`,
+`eval.allow_unisolated = true`); then a warning says what the programs can reach.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import selectors
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -36,12 +42,18 @@ BASE_UID = 61000  # unprivileged uids used for sandboxed programs when ternchat 
 _ALLOC_FAILED = re.compile(r"memory allocation of \d+ bytes failed|out of memory|capacity overflow")
 
 
-class RustcMissing(RuntimeError):
+class SandboxUnavailable(RuntimeError):
+    """Untrusted Rust cannot be compiled or run safely here; the message says how to fix it."""
+
+
+class RustcMissing(SandboxUnavailable):
     pass
 
 
 @dataclass(frozen=True)
 class Limits:
+    """What a sandboxed program may use, and whether it may run at all without namespace isolation."""
+
     compile_seconds: float = 30.0
     run_seconds: float = 10.0
     cpu_seconds: int = 10
@@ -50,6 +62,7 @@ class Limits:
     file_bytes: int = 16 << 20
     processes: int = 32
     output_bytes: int = 1 << 20
+    allow_unisolated: bool = False  # without bwrap: run anyway, with host files and network reachable
 
 
 @dataclass
@@ -77,6 +90,7 @@ class Isolation:
     prlimit: bool
     network: str
     filesystem: str
+    why_not_isolated: str = ""  # what the namespace probe found, when namespaces are off
 
     def describe(self) -> str:
         return (f"rustc {self.rustc}; filesystem: {self.filesystem}; network: {self.network}; "
@@ -97,11 +111,20 @@ def _rustc_path() -> Path:
     return real if real.exists() else Path(rustc)
 
 
-def _works(cmd: list[str]) -> bool:
+def _namespace_probe(sysroot: Path) -> str:
+    """'' when bubblewrap can build the sandbox's namespaces here, else why not."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return "bubblewrap (bwrap) is not installed"
     try:
-        return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+        probe = subprocess.run(_bwrap_prefix(sysroot, Path("/tmp"), os.geteuid() == 0) + ["true"],
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{bwrap} could not be run ({e})"
+    if probe.returncode != 0:
+        detail = probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else f"exit status {probe.returncode}"
+        return f"{bwrap} cannot create namespaces here ({detail}); user namespaces may be disabled"
+    return ""
 
 
 @lru_cache(maxsize=1)
@@ -109,11 +132,36 @@ def isolation() -> Isolation:
     """Find rustc and probe which isolation mechanisms work on this machine (cached)."""
     rustc = _rustc_path()
     sysroot = rustc.parent.parent
-    namespaces = shutil.which("bwrap") is not None and _works(_bwrap_prefix(sysroot, Path("/tmp"), True) + ["true"])
+    why_not = _namespace_probe(sysroot)
+    namespaces = not why_not
     return Isolation(str(rustc), str(sysroot), namespaces, os.geteuid() == 0 and shutil.which("setpriv") is not None,
                      shutil.which("prlimit") is not None,
                      "none (own network namespace)" if namespaces else "host network (no bwrap)",
-                     "toolchain read-only + temporary folder" if namespaces else "host (no bwrap)")
+                     "toolchain read-only + temporary folder" if namespaces else "host (no bwrap)", why_not)
+
+
+def checked_isolation(limits: Limits) -> Isolation:
+    """The isolation to run untrusted code with; refuses (SandboxUnavailable) without namespaces
+    unless `limits.allow_unisolated`, and then warns once per process what the programs can reach."""
+    iso = isolation()
+    if iso.namespaces:
+        return iso
+    if not limits.allow_unisolated:
+        raise SandboxUnavailable(
+            f"refusing to compile or run untrusted Rust without namespace isolation: {iso.why_not_isolated}. "
+            "Fix: `apt-get install bubblewrap` (or `bash scripts/setup.sh`), with user namespaces allowed. "
+            "To run anyway, at your own risk, pass --allow-unisolated (or set eval.allow_unisolated = true): "
+            "the programs can then read every file and reach every network this user can.")
+    _warn_unisolated(iso.why_not_isolated)
+    return iso
+
+
+@lru_cache(maxsize=None)
+def _warn_unisolated(reason: str) -> None:
+    print(f"warning: running untrusted Rust WITHOUT namespace isolation (--allow-unisolated; {reason}): "
+          "programs can read every file this user can read (ssh keys, tokens, the home folder), reach the "
+          "network and signal this user's processes; only wall-clock and resource limits apply.",
+          file=sys.stderr)
 
 
 def _bwrap_prefix(sysroot: Path, workdir: Path, as_root: bool, env: dict[str, str] | None = None) -> list[str]:
@@ -237,11 +285,19 @@ def _classify_run(returncode: int, stderr: str, verdict: str) -> str:
     return "runtime_error"
 
 
+@dataclass(frozen=True)
+class Program:
+    """A Rust program to compile and run: a binary with `main`, or with `test_harness` a crate of
+    `#[test]` functions compiled with `rustc --test`, which passes when every test passes."""
+
+    source: str
+    edition: str = "2021"
+    test_harness: bool = False
 
 
 def _rustc(workdir: Path, args: Sequence[str], limits: Limits, env: dict[str, str] | None = None) -> Outcome:
     """Run rustc with `args` inside `workdir`, sandboxed; outcome 'ok' or the class of its failure."""
-    iso = isolation()
+    iso = checked_isolation(limits)
     wrap = _bwrap_prefix(Path(iso.sysroot), workdir, os.geteuid() == 0, env) if iso.namespaces else []
     cmd = (_prlimit(iso, limits.compile_memory_bytes, int(limits.compile_seconds) + 5, limits, None) + wrap
            + [iso.rustc, *args, "--error-format=json"])
@@ -261,15 +317,18 @@ def _rustc(workdir: Path, args: Sequence[str], limits: Limits, env: dict[str, st
                    compile_seconds=seconds)
 
 
-def run_rust(source: str, *, limits: Limits = Limits(), edition: str = "2021", slot: int = 0) -> Outcome:
-    """Compile `source` as a binary and run it in the sandbox; never raises for the program's sake."""
-    iso = isolation()
+def run_rust(source: str, *, limits: Limits = Limits(), edition: str = "2021", slot: int = 0,
+             test_harness: bool = False) -> Outcome:
+    """Compile `source` as a binary (with `test_harness`, as `rustc --test` does) and run it in the
+    sandbox; never raises for the program's sake (SandboxUnavailable when this machine cannot
+    isolate it and `limits` does not allow that)."""
+    iso = checked_isolation(limits)
     workdir = Path(tempfile.mkdtemp(prefix="ternchat-rust-"))
     uid = BASE_UID + slot
     try:
         (workdir / "main.rs").write_text(source, encoding="utf-8")
-        built = _rustc(workdir, ["--edition", edition, "-C", "opt-level=0", "-C", "debuginfo=0", "-o", "prog",
-                                 "main.rs"], limits)
+        built = _rustc(workdir, ["--edition", edition, *(["--test"] if test_harness else []), "-C", "opt-level=0",
+                                 "-C", "debuginfo=0", "-o", "prog", "main.rs"], limits)
         if built.outcome != "ok":
             return built
         if iso.drop_uid:
@@ -279,7 +338,8 @@ def run_rust(source: str, *, limits: Limits = Limits(), edition: str = "2021", s
         run_prefix = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"] if iso.drop_uid else []
         run_cmd = (_prlimit(iso, limits.run_memory_bytes, limits.cpu_seconds, limits,
                             limits.processes if iso.drop_uid else None)
-                   + wrap + run_prefix + [f"{SANDBOX_DIR}/prog" if iso.namespaces else str(workdir / "prog")])
+                   + wrap + run_prefix + [f"{SANDBOX_DIR}/prog" if iso.namespaces else str(workdir / "prog")]
+                   + (["--test-threads=1"] if test_harness else []))  # libtest: no thread per test
         start = time.perf_counter()
         proc = _spawn(run_cmd, workdir)
         out, err, verdict = _communicate(proc, limits.run_seconds, limits.output_bytes)
@@ -293,18 +353,22 @@ def run_rust(source: str, *, limits: Limits = Limits(), edition: str = "2021", s
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_many(sources: Sequence[str], *, workers: int = 0, limits: Limits = Limits(), edition: str = "2021",
-             progress: Callable[[int], None] | None = None) -> list[Outcome]:
-    """Run many programs in a pool over the cores; results in input order."""
+def run_many(programs: Sequence[str | Program], *, workers: int = 0, limits: Limits = Limits(),
+             edition: str = "2021", progress: Callable[[int], None] | None = None) -> list[Outcome]:
+    """Run many programs (sources of `edition`, or `Program`s) in a pool over the cores; results in input order."""
+    checked_isolation(limits)  # refuse once, before starting any worker
     workers = workers or os.cpu_count() or 1
     free_slots = list(range(workers))
     lock = threading.Lock()
 
-    def task(source: str) -> Outcome:
+    def task(program: str | Program) -> Outcome:
+        if isinstance(program, str):
+            program = Program(program, edition)
         with lock:
             slot = free_slots.pop()
         try:
-            return run_rust(source, limits=limits, edition=edition, slot=slot)
+            return run_rust(program.source, limits=limits, edition=program.edition, slot=slot,
+                            test_harness=program.test_harness)
         finally:
             with lock:
                 free_slots.append(slot)
@@ -312,7 +376,7 @@ def run_many(sources: Sequence[str], *, workers: int = 0, limits: Limits = Limit
                 progress(1)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(task, sources))
+        return list(pool.map(task, programs))
 
 
 def rustc_check(source: str, args: Sequence[str], *, env: dict[str, str] | None = None,
@@ -332,15 +396,15 @@ def check_metadata(source: str, edition: str = "2021", limits: Limits = Limits()
                                 "-o", "out.rmeta"], limits=limits)
 
 
-@lru_cache(maxsize=1)
-def _parse_only_flag() -> str:
+@lru_cache(maxsize=None)
+def _parse_only_flag(limits: Limits) -> str:
     for flag in ("-Zparse-crate-root-only", "-Zparse-only"):  # renamed in 2024
-        if rustc_check("", [flag], env={"RUSTC_BOOTSTRAP": "1"}).outcome == "ok":
+        if rustc_check("", [flag], env={"RUSTC_BOOTSTRAP": "1"}, limits=limits).outcome == "ok":
             return flag
     raise RustcMissing("this rustc has no parse-only mode (-Zparse-crate-root-only / -Zparse-only)")
 
 
 def check_parse(source: str, edition: str = "2021", limits: Limits = Limits()) -> Outcome:
     """Does `source` parse as Rust (it may still need its crate to resolve and type-check)?"""
-    return rustc_check(source, ["--edition", edition, _parse_only_flag()], env={"RUSTC_BOOTSTRAP": "1"},
+    return rustc_check(source, ["--edition", edition, _parse_only_flag(limits)], env={"RUSTC_BOOTSTRAP": "1"},
                        limits=limits)

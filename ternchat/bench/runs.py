@@ -1,0 +1,65 @@
+"""Short training runs for benchmarks: the same model, seed and batches under different overrides.
+
+`measure` trains a config for a fixed number of steps in this process (no checkpoints, no periodic
+evals, no Rust eval) and returns the validation loss and bits per byte at the end, tokens/s, peak
+memory, the real optimizer-state bytes and the loss curve. `measure_in_subprocess` does the same in
+a fresh Python process, so each run's peak resident memory is its own and no compiled or cached
+state leaks from one run into the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ternchat.config import load_config
+
+BENCH_OVERRIDES = ["train.time_limit_min=0", "eval.every_steps=0", "eval.rust_problems=false",
+                   "train.checkpoint_every=0"]
+
+
+def measure(config: str | None, overrides: list[str], steps: int) -> dict:
+    """Train `steps` steps in this process; return what was measured."""
+    from ternchat.train.trainer import Trainer
+
+    cfg = load_config(config, [*overrides, *BENCH_OVERRIDES, f"train.max_steps={steps}"])
+    with tempfile.TemporaryDirectory(prefix="ternchat-bench-") as tmp:
+        trainer = Trainer(cfg, Path(tmp) / "run", log=lambda _: None)
+        result = trainer.run()
+        losses = [(r["step"], r["loss"]) for r in trainer.metrics.read() if isinstance(r.get("loss"), float)]
+    matrix_opt = trainer.optimizer.optimizers[0]
+    matrix_params = sum(p.numel() for g in matrix_opt.param_groups for p in g["params"])
+    matrix_state = sum(t.numel() * t.element_size() for s in matrix_opt.state.values() for t in s.values()
+                       if torch.is_tensor(t))
+    all_params = sum(p.numel() for p in trainer.model.parameters())
+    return {"val_loss": result["val_loss"], "val_bpb": result["val_bpb"], "tok_s": result["tok_s"],
+            "peak_rss_bytes": result["peak_memory_bytes"], "matrix_state_bytes_per_param": matrix_state / matrix_params,
+            "state_bytes_per_param": trainer.optimizer.state_bytes() / all_params, "losses": losses}
+
+
+def measure_in_subprocess(config: str | None, overrides: list[str], steps: int) -> dict:
+    args = [sys.executable, "-m", "ternchat.bench.runs", "--steps", str(steps)]
+    args += (["--config", config] if config else []) + [a for o in overrides for a in ("--set", o)]
+    done = subprocess.run(args, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the run with {' '.join(overrides)} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _main() -> None:
+    p = argparse.ArgumentParser(description="one benchmark run; prints its measurements as JSON")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--config")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    args = p.parse_args()
+    print(json.dumps(measure(args.config, args.overrides, args.steps)))
+
+
+if __name__ == "__main__":
+    _main()
