@@ -84,7 +84,8 @@ class OptimConfig:
 
     matrix_optimizer: str = _field("muon", choices=("muon", "adamw", "foam"), doc="optimizer of the 2-D block matrices")
     lr_matrix: float = _field(0.02, min=0.0, max=10.0, doc="learning rate of the block matrices")
-    lr_embed: float = _field(0.003, min=0.0, max=10.0, doc="AdamW learning rate of the token embedding")
+    lr_embed: float = _field(0.3, min=0.0, max=10.0, doc="AdamW learning rate of the token embedding (std-1 "
+                                                          "init; the sweep is in docs/benchmarks.md)")
     lr_head: float = _field(0.003, min=0.0, max=10.0, doc="AdamW learning rate of the LM head")
     lr_scalar: float = _field(0.003, min=0.0, max=10.0, doc="AdamW learning rate of norms and gains")
     weight_decay: float = _field(0.0, min=0.0, max=1.0, doc="decoupled weight decay")

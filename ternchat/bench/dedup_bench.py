@@ -100,7 +100,8 @@ def bench_dedup(corpus_dir: Path, num_perm: int, threshold: float, pairs: int = 
 
 
 def format_dedup(r: dict) -> str:
-    lines = [f"Machine: {r['machine']}; {r['files']:,} files, {r['shingles']:,} shingles, {r['num_perm']} permutations.",
+    lines = [f"Machine: {r['machine']}; {r['files']:,} files, {r['shingles']:,} shingles, "
+             f"{r['num_perm']} permutations.",
              f"Shingling (shared by both): {r['shingle_seconds']:.1f} s.", "",
              f"Accuracy on {r['pairs']:,} pairs, each file with its most similar file of its crate, "
              f"{r['pairs_above_threshold']} of them at or above the near-duplicate threshold {r['threshold']} "

@@ -6,7 +6,8 @@ blocks -> final RMSNorm -> LM head (full precision). A block is
     x = x + down(SubLN(relu(up(RMSNorm(x)))^2))       ReLU^2 MLP
 with SubLN the extra RMSNorm before the output projections of BitNet b1.58 2B4T. As there, q, k
 and v are three BitLinear layers, each with its own absmean scale (a fused QKV matrix would share
-one scale, and Muon would orthogonalize the three as one matrix). There are no biases. Which linear is built (ternary or dense) is the layer factory's choice (`make_linear`).
+one scale, and Muon would orthogonalize the three as one matrix). There are no biases. Which
+linear is built (ternary or dense) is the layer factory's choice (`make_linear`).
 A KV cache serves incremental decoding.
 """
 

@@ -10,10 +10,9 @@ eigendecomposition of core core^T) instead of a full SVD.
 
 GaLore-AdamW restarts its moments at each refresh, because they are coordinates in the old basis,
 and bias-corrects them with the steps since that restart (Adam's correction for moments that start
-at zero). The official code (jiaweizzhao/GaLore) keeps the moments across refreshes and corrects
-with the global step, which after a refresh mixes two bases; restarting them and correcting with
-the global step, as an earlier version here did, made the first updates of each period up to ~2x
-off (beta2 = 0.999).
+at zero; with the global step instead, the updates of a period would be up to ~2x too large for
+beta2 = 0.999). The official code (jiaweizzhao/GaLore) keeps the moments across refreshes and
+corrects with the global step, so after a refresh its moments mix coordinates of two bases.
 
 With a Muon base this module implements GUM (Pan et al. 2025, arXiv:2510.17802). Like LISA, it
 samples layers: every period, `full_rank_layers` = gamma of the N_L layers (here: the optimizer's

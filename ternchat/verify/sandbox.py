@@ -85,6 +85,7 @@ class Outcome:
 class Isolation:
     rustc: str
     sysroot: str
+    bwrap: str  # its path where the namespaces work, else ''
     namespaces: bool  # bubblewrap: private filesystem view, no network, own PID space
     drop_uid: bool  # the program runs under an unprivileged uid
     prlimit: bool
@@ -111,13 +112,12 @@ def _rustc_path() -> Path:
     return real if real.exists() else Path(rustc)
 
 
-def _namespace_probe(sysroot: Path) -> str:
+def _namespace_probe(bwrap: str | None, sysroot: Path) -> str:
     """'' when bubblewrap can build the sandbox's namespaces here, else why not."""
-    bwrap = shutil.which("bwrap")
     if bwrap is None:
         return "bubblewrap (bwrap) is not installed"
     try:
-        probe = subprocess.run(_bwrap_prefix(sysroot, Path("/tmp"), os.geteuid() == 0) + ["true"],
+        probe = subprocess.run(_bwrap_prefix(bwrap, sysroot, Path("/tmp"), os.geteuid() == 0) + ["true"],
                                capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"{bwrap} could not be run ({e})"
@@ -132,9 +132,11 @@ def isolation() -> Isolation:
     """Find rustc and probe which isolation mechanisms work on this machine (cached)."""
     rustc = _rustc_path()
     sysroot = rustc.parent.parent
-    why_not = _namespace_probe(sysroot)
+    bwrap = shutil.which("bwrap")  # resolved here: the sandbox's own processes get a minimal PATH
+    why_not = _namespace_probe(bwrap, sysroot)
     namespaces = not why_not
-    return Isolation(str(rustc), str(sysroot), namespaces, os.geteuid() == 0 and shutil.which("setpriv") is not None,
+    return Isolation(str(rustc), str(sysroot), bwrap if namespaces else "", namespaces,
+                     os.geteuid() == 0 and shutil.which("setpriv") is not None,
                      shutil.which("prlimit") is not None,
                      "none (own network namespace)" if namespaces else "host network (no bwrap)",
                      "toolchain read-only + temporary folder" if namespaces else "host (no bwrap)", why_not)
@@ -164,8 +166,9 @@ def _warn_unisolated(reason: str) -> None:
           file=sys.stderr)
 
 
-def _bwrap_prefix(sysroot: Path, workdir: Path, as_root: bool, env: dict[str, str] | None = None) -> list[str]:
-    cmd = ["bwrap", "--die-with-parent", "--new-session", "--unshare-net", "--unshare-pid", "--unshare-ipc",
+def _bwrap_prefix(bwrap: str, sysroot: Path, workdir: Path, as_root: bool,
+                  env: dict[str, str] | None = None) -> list[str]:
+    cmd = [bwrap, "--die-with-parent", "--new-session", "--unshare-net", "--unshare-pid", "--unshare-ipc",
            "--unshare-uts"]
     if not as_root:
         cmd += ["--unshare-user"]
@@ -298,7 +301,7 @@ class Program:
 def _rustc(workdir: Path, args: Sequence[str], limits: Limits, env: dict[str, str] | None = None) -> Outcome:
     """Run rustc with `args` inside `workdir`, sandboxed; outcome 'ok' or the class of its failure."""
     iso = checked_isolation(limits)
-    wrap = _bwrap_prefix(Path(iso.sysroot), workdir, os.geteuid() == 0, env) if iso.namespaces else []
+    wrap = _bwrap_prefix(iso.bwrap, Path(iso.sysroot), workdir, os.geteuid() == 0, env) if iso.namespaces else []
     cmd = (_prlimit(iso, limits.compile_memory_bytes, int(limits.compile_seconds) + 5, limits, None) + wrap
            + [iso.rustc, *args, "--error-format=json"])
     start = time.perf_counter()
@@ -334,7 +337,7 @@ def run_rust(source: str, *, limits: Limits = Limits(), edition: str = "2021", s
         if iso.drop_uid:
             os.chown(workdir, uid, uid)
             os.chown(workdir / "prog", uid, uid)
-        wrap = _bwrap_prefix(Path(iso.sysroot), workdir, os.geteuid() == 0) if iso.namespaces else []
+        wrap = _bwrap_prefix(iso.bwrap, Path(iso.sysroot), workdir, os.geteuid() == 0) if iso.namespaces else []
         run_prefix = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"] if iso.drop_uid else []
         run_cmd = (_prlimit(iso, limits.run_memory_bytes, limits.cpu_seconds, limits,
                             limits.processes if iso.drop_uid else None)
