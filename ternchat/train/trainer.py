@@ -303,8 +303,8 @@ class Trainer:
             if self.length.total is None:
                 self._follow_the_clock()
                 if self.length.total is not None:
-                    bar.reset(total=self.length.total)
-                    bar.update(self.step)
+                    bar.total = self.length.total  # keeps the bar's own clock, so its rate stays true
+                    bar.refresh()
             if self._due(t.checkpoint_every) and bad_steps == 0:
                 self._checkpoint()
         bar.close()
