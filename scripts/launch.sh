@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Usage: scripts/launch.sh CONFIG NPROC [--set section.key=value ...]
-# Builds the data for CONFIG (cached), then trains on NPROC GPUs (torchrun when NPROC > 1).
+# Builds the data for CONFIG (cached, once), prints the memory plan for the config's machine, then
+# trains: one process, or NPROC ranks through torchrun (the config's [dist] section says how).
+# A stopped run continues with: scripts/config_X.sh --resume
 set -euo pipefail
 config="$1"; nproc="$2"; shift 2
-ternchat data --config "$config" "$@"
+sets=(); for arg in "$@"; do [ "$arg" != "--resume" ] && sets+=("$arg"); done
+ternchat data --config "$config" "${sets[@]}"
+ternchat plan --config "$config" "${sets[@]}"
 if [ "$nproc" -gt 1 ]; then
-  echo "launch: $config is planned for $nproc GPUs, but ternchat trains on one device so far" \
-       "(DDP/FSDP2 is future work); the data is ready." >&2
-  exit 1
+  exec torchrun --standalone --nproc-per-node "$nproc" -m ternchat train --config "$config" "$@"
 fi
 exec ternchat train --config "$config" "$@"

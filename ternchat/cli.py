@@ -98,7 +98,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ternchat.train.trainer import resolve_run, train
 
     cfg, run_dir = resolve_run(args.config, _run_overrides(args), args.run_dir, args.resume)
-    _print_result(train(cfg, run_dir, args.resume))
+    result = train(cfg, run_dir, args.resume)
+    if result:  # rank 0 of a torchrun job, or the only process
+        _print_result(result)
     return 0
 
 
@@ -190,6 +192,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.out:
             args.out.write_text(json.dumps(report, indent=1) + "\n")
         return 0
+    if args.what == "dist":
+        from ternchat.bench.dist_bench import bench_dist, format_dist
+
+        result = bench_dist(args.config, args.overrides, args.optim_steps)
+        print(format_dist(result))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+        return 0
     if args.what == "eval":
         from ternchat.bench.eval_bench import bench_eval, format_result
 
@@ -275,10 +285,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ConfigError(f"--gpu-mem: {e}") from None
     device = "cpu" if args.measure else "cuda"
-    plan = plan_memory(cfg, vocab, args.micro_batch, budget, gpus, args.activation_checkpointing, device)
+    plan = plan_memory(cfg, vocab, args.micro_batch, budget, gpus, device)
+    recompute = cfg.train.activation_checkpointing
     title = (f"{args.config or 'tiny_cpu (built-in)'}" + (f" on {hw.name}" if hw.name and not args.gpu_mem else "")
-             + (" with activation checkpointing (not yet in the trainer)" if args.activation_checkpointing else ""))
-    print(format_plan(plan, title, gpus))
+             + (f", activation checkpointing {recompute}" if recompute != "none" else ""))
+    print(format_plan(plan, title, gpus, cfg.dist.strategy))
     if args.measure:
         measured = measure_cpu(cfg, vocab, plan.micro_batch)
         peak, rss = measured["tensor_peak"], measured["rss_added"]
@@ -374,12 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the sandboxed HumanEval-Rust harness against plain one-at-a-time rustc. "
                                    "bench optim: seven optimizer setups on the same model, seed and batches. "
                                    "bench sweep: the same for each point of a grid of config values. bench dedup: "
-                                   "near-duplicate sketches, rensa against datasketch (if installed).")
-    p.add_argument("what", choices=["train", "eval", "optim", "sweep", "dedup"],
+                                   "near-duplicate sketches, rensa against datasketch (if installed). bench dist: "
+                                   "one process against two torchrun ranks (DDP, FSDP2) on the same global batch.")
+    p.add_argument("what", choices=["train", "eval", "optim", "sweep", "dedup", "dist"],
                    help="train: training throughput and memory; eval: sandboxed compile+run evaluations per second; "
                         "optim: the memory-efficient optimizers against Muon and AdamW; sweep: validation loss "
-                        "over a grid of config values; dedup: rensa's MinHash against datasketch's on the corpus")
-    p.add_argument("--optim-steps", type=int, default=100, help="optim, sweep: training steps per run")
+                        "over a grid of config values; dedup: rensa's MinHash against datasketch's on the corpus; "
+                        "dist: tokens/s of 1 process vs 2 ranks")
+    p.add_argument("--optim-steps", type=int, default=100, help="optim, sweep, dist: training steps per run")
     p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
                    help="sweep: values to try for one key (repeatable; the runs cover every combination)")
     p.add_argument("--out-dir", type=Path, default=Path("bench_optim"), help="optim: folder for JSON and PNG")
@@ -429,8 +442,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-mem", metavar="SIZE",
                    help="memory per device, e.g. 24GiB (default: the config's hardware.gpu_memory)")
     p.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default: train.batch_size)")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="plan with activation checkpointing (the trainer does not do it yet)")
     p.add_argument("--measure", action="store_true", help="also run two steps on this CPU and compare (small models)")
     p.set_defaults(func=cmd_plan)
 

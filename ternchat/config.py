@@ -132,6 +132,10 @@ class TrainConfig:
     compile: bool = _field(True, doc="torch.compile the model (falls back to eager without a C++ compiler on CPU)")
     seed: int = _field(42, min=0, doc="seed of init and data order")
     checkpoint_every: int = _field(200, min=0, doc="steps between checkpoints; 0 = only at the end")
+    activation_checkpointing: str = _field("none", choices=("none", "full", "selective"),
+                                           doc="recompute activations in backward: full = each block's whole "
+                                               "forward; selective = keep matmul and attention outputs and "
+                                               "BitLinear's scales, recompute the rest")
 
 
 @dataclass
@@ -147,6 +151,22 @@ class EvalConfig:
                                            "or bubblewrap)")
     allow_unisolated: bool = _field(False, doc="run model-written Rust even without bubblewrap's namespaces (the "
                                                "programs can then read host files and reach the network)")
+
+
+@dataclass
+class DistConfig:
+    """[dist]: training across the processes torchrun starts (train/distributed.py)."""
+
+    strategy: str = _field("none", choices=("none", "ddp", "fsdp2"),
+                           doc="ddp: replicate the model, average gradients; fsdp2: shard parameters, gradients "
+                               "and AdamW state per block (fully_shard); none: one process")
+    backend: str = _field("auto", choices=("auto", "nccl", "gloo"), doc="process group backend; auto = nccl on "
+                                                                         "GPUs, gloo on CPU")
+    fsdp_param_dtype: str = _field("bf16", choices=("bf16", "fp32"),
+                                   doc="dtype FSDP2 all-gathers the weights in for forward and backward; "
+                                       "gradients are reduced in fp32 either way")
+    reshard_after_forward: bool = _field(True, doc="FSDP2: free each block's gathered weights after its forward "
+                                                   "and gather them again in backward (less memory, more traffic)")
 
 
 @dataclass
@@ -166,6 +186,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

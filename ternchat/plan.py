@@ -1,6 +1,10 @@
 """`ternchat plan`: how many bytes a training run needs per device, and whether it fits.
 
-Components, per device (data parallel replicates all but activations' batch share):
+Components, per device. With N devices, FSDP2 (`dist.strategy = "fsdp2"`) divides weights,
+gradients and the AdamW state by N and adds its working set (two blocks' gathered weights, the
+root's embedding and head, one block's fp32 gradient); DDP replicates them. Either way each block
+matrix's optimizer state lives on its one owner rank (1/N each), and the step gathers a block's
+matrices whole to their owners (value and gradient, fp32).
 - latent weights, fp32: 4 bytes per parameter;
 - gradients, fp32: 4 bytes per parameter;
 - optimizer state, by method: Muon 4 B per matrix value (8-bit: 1 + 4/block), GUM the momentum
@@ -13,8 +17,10 @@ Components, per device (data parallel replicates all but activations' batch shar
   16 heads bytes (the quantized input is saved once for each of q, k and v), per token 10 d + 4 V
   for embedding, final norm and logits, and a bf16 copy of every matrix (2 B per value). These
   coefficients were counted with autograd's saved-tensor hooks on this model (`tests/test_plan.py`
-  re-counts them); with activation checkpointing only each block's fp32 input (4 d per token) is
-  kept, plus one block being recomputed;
+  re-counts them). With `train.activation_checkpointing = "full"` each block keeps only its fp32
+  input (4 d per token); "selective" keeps also the matmul and attention outputs and the
+  per-token scales (`selective_bytes_per_token`); both add one block being recomputed and keep
+  the bf16 matrix copies of that block only;
 - the logits' gradient during backward (8 V bytes per token);
 - the optimizer step's temporaries: for Muon the Newton-Schulz iteration over a stack of
   same-shape matrices (up to `muon.NS_CHUNK_VALUES` values at once) and the fp32 copies of 8-bit
@@ -95,6 +101,13 @@ def newton_schulz_workspace(s: GPTShape, o: OptimConfig) -> float:
     return max(newton_schulz_workspace_of(min(k, stack_size(r, c)), r, c, o) for (r, c), k in shapes.items())
 
 
+def selective_bytes_per_token(s: GPTShape) -> float:
+    """What selective checkpointing keeps per token and block under bf16 autocast: the fp32 block input,
+    the bf16 outputs of the matmuls (q, k, v, o: 4 d; up: d_ff; down: d) and of attention (d, plus its
+    fp32 log-sum-exp per head), and the fp32 per-token reductions of the norms and of BitLinear's scales."""
+    return 4 * s.d_model + 2 * (6 * s.d_model + s.d_ff) + 4 * s.n_heads + 4 * (6 + 4 + 2 * s.n_heads)
+
+
 BACKWARD_PHASE = ("activations", "logits gradient")
 STEP_PHASE = "optimizer step temporaries"
 
@@ -127,7 +140,7 @@ class Plan:
 
 
 def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gpu_mem: int | None = None,
-                gpus: int = 1, checkpointing: bool = False, device: str = "cuda") -> Plan:
+                gpus: int = 1, device: str = "cuda") -> Plan:
     s = GPTShape.from_config(cfg.model, vocab_size)
     o = cfg.optim
     matrices = block_matrices(s)
@@ -145,21 +158,40 @@ def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gp
         other_state = 8 * embed_head / 2 ** o.foam_level
     else:
         other_state = (2 if eight_bit_adamw else 8) * embed_head
-    optimizer = (sum(matrix_state_bytes(r, c, o, gum_full_rank_share(r, c, o, s.depth)) for r, c in matrices)
-                 + other_state + 8 * gains)
+    strategy = cfg.dist.strategy if gpus > 1 else "none"
+    if gpus > 1 and strategy == "none":
+        notes.append(f"{gpus} devices but dist.strategy = 'none': planned as one process per device, unsharded")
+    shards = gpus if strategy == "fsdp2" else 1  # FSDP2 cuts weights, gradients and AdamW state N ways
+    owners = gpus if strategy != "none" else 1  # each block matrix's optimizer state lives on one rank
+    matrix_state = sum(matrix_state_bytes(r, c, o, gum_full_rank_share(r, c, o, s.depth)) for r, c in matrices)
+    optimizer = matrix_state / owners + (other_state + 8 * gains) / shards
     optimizer_workspace = newton_schulz_workspace(s, o)
+    block_values = matrix_params // s.depth
+    recompute = cfg.train.activation_checkpointing
+    # The bf16 copy of each matrix that the forward saves for backward (autocast's cast, or the gathered
+    # copy under FSDP2): every block's, or with recompute only the block being recomputed.
+    weight_copies = 2 * ((block_values if recompute != "none" else matrix_params) + embed_head / 2)
 
     def components(batch: int) -> dict[str, float]:
         tokens = batch * s.seq_len
         per_block = 58 * s.d_model + 12 * s.d_ff + 16 * s.n_heads
-        if checkpointing:
+        if recompute == "full":
             saved = tokens * (s.depth * 4 * s.d_model + per_block)
+        elif recompute == "selective":
+            saved = tokens * (s.depth * selective_bytes_per_token(s) + per_block)
         else:
             saved = tokens * s.depth * per_block
-        activations = saved + tokens * (10 * s.d_model + 4 * s.vocab_size) + 2 * (matrix_params + embed_head / 2)
-        parts = {"weights (fp32 latent)": 4.0 * params, "gradients (fp32)": 4.0 * params,
+        activations = saved + tokens * (10 * s.d_model + 4 * s.vocab_size) + weight_copies
+        parts = {"weights (fp32 latent)": 4.0 * params / shards, "gradients (fp32)": 4.0 * params / shards,
                  "optimizer state": float(optimizer), "activations": float(activations),
                  "logits gradient": 8.0 * s.vocab_size * tokens, STEP_PHASE: float(optimizer_workspace)}
+        if shards > 1:
+            gather = 2 if cfg.dist.fsdp_param_dtype == "bf16" else 4
+            # two blocks' gathered weights (one computing, one prefetched), the root's embedding and head,
+            # one block's fp32 gradient before its reduce-scatter
+            parts["FSDP2 gathered weights"] = float(gather * (2 * block_values + embed_head) + 4 * block_values)
+        if owners > 1:  # a block's matrices, value and gradient, gathered whole to their owners for the step
+            parts[STEP_PHASE] += 8.0 * block_values
         if device == "cuda":
             parts["CUDA context"] = float(CUDA_CONTEXT)
             parts["allocator slack (5%)"] = 0.05 * peak_bytes(parts)
@@ -175,9 +207,12 @@ def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gp
     return Plan(components(batch), gpu_mem, batch, best, peak_bytes(components(1)), notes)
 
 
-def format_plan(plan: Plan, title: str, gpus: int) -> str:
+def format_plan(plan: Plan, title: str, gpus: int, strategy: str = "none") -> str:
     gib = 2 ** 30
-    lines = [f"{title}: per device ({gpus} device(s), data parallel: every device holds all of it)",
+    how = {"fsdp2": "FSDP2: weights, gradients and AdamW state sharded, block matrices' state on one owner each",
+           "ddp": "DDP: every device holds the model, block matrices' state on one owner each"}
+    layout = how.get(strategy, "one process") if gpus > 1 else "one process"
+    lines = [f"{title}: per device ({gpus} device(s), {layout})",
              "| component | GiB |", "|---|---|"]
     lines += [f"| {name} | {value / gib:,.2f} |" for name, value in plan.components.items()]
     lines.append(f"| **peak** (micro-batch {plan.micro_batch}) | **{plan.total / gib:,.2f}** |")
@@ -212,11 +247,13 @@ def measure_cpu(cfg: Config, vocab_size: int, micro_batch: int) -> dict[str, int
 
     from ternchat.model.gpt import GPT
     from ternchat.optim.factory import build_optimizer
+    from ternchat.train.activation_checkpointing import apply_activation_checkpointing
     from ternchat.train.trainer import autocast_for, proc_status_bytes
 
     before = proc_status_bytes("VmRSS") or 0
     torch.manual_seed(0)
     model = GPT(GPTShape.from_config(cfg.model, vocab_size))
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     optimizer = build_optimizer(model, cfg.optim)
     autocast = autocast_for(cfg.train.dtype, torch.device("cpu"))
     batch = torch.randint(0, vocab_size, (micro_batch, cfg.model.seq_len + 1))

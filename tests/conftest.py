@@ -6,14 +6,17 @@ Where apt is missing those tests skip, unless TERNCHAT_REQUIRE_DEBIAN=1 (as in C
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from ternchat.config import load_config
 from ternchat.data.debian import fetch_debian_crates
 from ternchat.data.errors import DataError
+from ternchat.data.pipeline import prepare_data
 
 FIXTURE_CRATES = Path(__file__).parent / "fixtures" / "crates"
 # Small, hand-written crates (about 0.8 MB of Rust together).
@@ -65,3 +68,32 @@ def sandbox_ready() -> None:
         if os.environ.get("TERNCHAT_REQUIRE_SANDBOX") == "1":
             raise
         pytest.skip(f"the rustc sandbox is unavailable here: {e}")
+
+
+def tiny_overrides(sources):
+    return [f"data.sources={json.dumps([str(s) for s in sources])}", "data.auto_discover=false",
+            "data.debian=false", "data.val_fraction=0.1", "tokenizer.vocab_size=512", "data.shard_tokens=200000",
+            "model.depth=2", "model.d_model=64", "model.n_heads=2", "model.seq_len=64", "train.batch_size=8",
+            "train.compile=false", "train.time_limit_min=0", "train.warmup_steps=3", "eval.every_steps=0",
+            "eval.val_batches=2", "eval.sample_tokens=8", "train.checkpoint_every=0", "eval.rust_problems=false"]
+
+
+@pytest.fixture(scope="session")
+def data_home(tmp_path_factory, debian_roots):
+    home = tmp_path_factory.mktemp("train_home")
+    old = os.environ.get("TERNCHAT_HOME")
+    os.environ["TERNCHAT_HOME"] = str(home)
+    try:
+        prepare_data(load_config(overrides=tiny_overrides(debian_roots)), log=lambda _: None)
+    finally:
+        if old is None:
+            os.environ.pop("TERNCHAT_HOME")
+        else:
+            os.environ["TERNCHAT_HOME"] = old
+    return home
+
+
+@pytest.fixture
+def overrides(data_home, debian_roots, monkeypatch):
+    monkeypatch.setenv("TERNCHAT_HOME", str(data_home))
+    return tiny_overrides(debian_roots)

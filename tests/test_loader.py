@@ -69,10 +69,23 @@ def test_ranks_read_disjoint_windows(shards):
         assert not rows_a & rows_b
 
 
-def test_resume_with_another_batch_shape_is_refused(shards):
+def test_resume_with_another_sequence_length_is_refused(shards):
     state = loader(shards).state_dict()
-    with pytest.raises(DataError, match="batch_size"):
-        loader(shards, batch_size=8).load_state_dict(state)
+    with pytest.raises(DataError, match="cannot resume the loader"):
+        loader(shards, seq_len=16).load_state_dict(state)
+
+
+def test_resume_at_another_number_of_ranks_continues_at_the_same_window(shards):
+    one = loader(shards, batch_size=4)
+    one.next_batch()
+    state = one.state_dict()
+    rows = one.next_batch()[0]
+    halves = []
+    for rank in range(2):
+        two = loader(shards, batch_size=2, rank=rank, world_size=2)
+        two.load_state_dict(state)
+        halves.append(two.next_batch()[0])
+    assert torch.equal(torch.cat(halves), rows)
 
 
 def test_too_little_data_is_a_clear_error(shards):

@@ -13,40 +13,10 @@ import pytest
 import torch
 
 from ternchat.config import load_config
-from ternchat.data.pipeline import prepare_data
 from ternchat.train.checkpoint import CheckpointError, latest_checkpoint
 from ternchat.train.schedule import RunLength, schedule
 from ternchat.train.trainer import Trainer, TrainingError, train
 from ternchat.verify.sandbox import isolation
-
-
-def tiny_overrides(sources):
-    return [f"data.sources={json.dumps([str(s) for s in sources])}", "data.auto_discover=false",
-            "data.debian=false", "data.val_fraction=0.1", "tokenizer.vocab_size=512", "data.shard_tokens=200000",
-            "model.depth=2", "model.d_model=64", "model.n_heads=2", "model.seq_len=64", "train.batch_size=8",
-            "train.compile=false", "train.time_limit_min=0", "train.warmup_steps=3", "eval.every_steps=0",
-            "eval.val_batches=2", "eval.sample_tokens=8", "train.checkpoint_every=0", "eval.rust_problems=false"]
-
-
-@pytest.fixture(scope="session")
-def data_home(tmp_path_factory, debian_roots):
-    home = tmp_path_factory.mktemp("train_home")
-    old = os.environ.get("TERNCHAT_HOME")
-    os.environ["TERNCHAT_HOME"] = str(home)
-    try:
-        prepare_data(load_config(overrides=tiny_overrides(debian_roots)), log=lambda _: None)
-    finally:
-        if old is None:
-            os.environ.pop("TERNCHAT_HOME")
-        else:
-            os.environ["TERNCHAT_HOME"] = old
-    return home
-
-
-@pytest.fixture
-def overrides(data_home, debian_roots, monkeypatch):
-    monkeypatch.setenv("TERNCHAT_HOME", str(data_home))
-    return tiny_overrides(debian_roots)
 
 
 def losses(run_dir):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -43,8 +44,10 @@ def measure(config: str | None, overrides: list[str], steps: int) -> dict:
             "state_bytes_per_param": trainer.optimizer.state_bytes() / all_params, "losses": losses}
 
 
-def measure_in_subprocess(config: str | None, overrides: list[str], steps: int) -> dict:
-    args = [sys.executable, "-m", "ternchat.bench.runs", "--steps", str(steps)]
+def measure_in_subprocess(config: str | None, overrides: list[str], steps: int, ranks: int = 1) -> dict:
+    """`measure` in a fresh process, or in `ranks` > 1 processes started by torchrun (rank 0 reports)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    args = [*(launcher if ranks > 1 else [sys.executable]), "-m", "ternchat.bench.runs", "--steps", str(steps)]
     args += (["--config", config] if config else []) + [a for o in overrides for a in ("--set", o)]
     done = subprocess.run(args, capture_output=True, text=True)
     if done.returncode != 0:
@@ -58,7 +61,9 @@ def _main() -> None:
     p.add_argument("--config")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
-    print(json.dumps(measure(args.config, args.overrides, args.steps)))
+    result = measure(args.config, args.overrides, args.steps)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

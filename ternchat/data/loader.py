@@ -4,7 +4,7 @@ The shards of a split are cut into windows of T+1 tokens at stride T (inputs are
 targets the last T). Each epoch visits every window once, in an order fixed by (seed, epoch);
 each step takes the next B windows per rank. The whole position is `(epoch, cursor)`, so
 `state_dict()` saved in a checkpoint and `load_state_dict()` on resume continue the exact
-sequence of batches. A tail of fewer than B * world_size windows is skipped each epoch.
+sequence of batches (also at another number of ranks: the next step starts at the same window). A tail of fewer than B * world_size windows is skipped each epoch.
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ class TokenLoader:
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for key in ("seed", "shuffle", "n_windows", "batch_size", "seq_len", "world_size"):
+        # The position counts windows, so it carries over to another batch size or number of ranks.
+        for key in ("seed", "shuffle", "n_windows", "seq_len"):
             if state.get(key) != mine[key]:
                 raise DataError(f"cannot resume the loader: saved {key}={state.get(key)!r} but this run has "
                                 f"{key}={mine[key]!r} (different data or batch shape)")

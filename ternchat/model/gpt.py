@@ -8,16 +8,19 @@ with SubLN the extra RMSNorm before the output projections of BitNet b1.58 2B4T.
 and v are three BitLinear layers, each with its own absmean scale (a fused QKV matrix would share
 one scale, and Muon would orthogonalize the three as one matrix). There are no biases. Which
 linear is built (ternary or dense) is the layer factory's choice (`make_linear`).
-A KV cache serves incremental decoding.
+A KV cache serves incremental decoding. A block can recompute its activations in the backward
+pass instead of keeping them (`Block.recompute`, set by train/activation_checkpointing.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ternchat.config import ModelConfig
 from ternchat.model.bitlinear import BitLinear, TernaryLinear, make_linear
@@ -131,8 +134,14 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm, self.attn = rms_norm(s.d_model), Attention(s, layer)
         self.mlp_norm, self.mlp = rms_norm(s.d_model), MLP(s)
+        self.recompute: Callable | None = None  # set by train/activation_checkpointing.py
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        if self.recompute is not None and cache is None and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, None, use_reentrant=False, context_fn=self.recompute)
+        return self._forward(x, cos, sin, cache)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         return x + self.mlp(self.mlp_norm(x))
 

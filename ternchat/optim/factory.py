@@ -19,6 +19,7 @@ from ternchat.config import ConfigError, OptimConfig
 from ternchat.optim.foam import FOAM
 from ternchat.optim.galore import GUM, GaLoreAdamW
 from ternchat.optim.muon import Muon
+from ternchat.train.distributed import OwnedMatrices, Ranks, full_state, shard_state
 
 
 class CombinedOptimizer:
@@ -46,12 +47,16 @@ class CombinedOptimizer:
             opt.zero_grad(set_to_none=True)
 
     def state_dict(self) -> list[dict]:
-        return [opt.state_dict() for opt in self.optimizers]
+        """Whole tensors in the single-process layout, however the run is sharded (a collective then)."""
+        return [opt.state_dict() if isinstance(opt, OwnedMatrices) else full_state(opt.state_dict())
+                for opt in self.optimizers]
 
     def load_state_dict(self, states: list[dict]) -> None:
         if len(states) != len(self.optimizers):
             raise ValueError(f"checkpoint has {len(states)} optimizer states, this run has {len(self.optimizers)}")
         for opt, state in zip(self.optimizers, states):
+            if not isinstance(opt, OwnedMatrices):
+                state = shard_state(state, [p for g in opt.param_groups for p in g["params"]])
             opt.load_state_dict(state)
 
     def state_bytes(self) -> int:
@@ -72,43 +77,50 @@ def _adamw_for(params_groups: list[dict], cfg: OptimConfig, eight_bit: bool) -> 
     return torch.optim.AdamW(params_groups, betas=betas, eps=1e-8)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> CombinedOptimizer:
-    """Block matrices -> Muon / GUM / GaLore-AdamW / FOAM / AdamW; embedding, head, gains -> AdamW or FOAM."""
-    matrices, gains = [], []
+def build_matrix_optimizer(layers: list[list[torch.Tensor]], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer of the block matrices, given as one list per transformer block."""
+    matrices = [p for layer in layers for p in layer]
+    bits = 8 if cfg.use_8bit_optim else 32
+    galore = dict(rank=cfg.galore_rank, update_freq=cfg.galore_update_freq, min_dim=cfg.galore_min_dim,
+                  oversample=cfg.galore_oversample, power_iters=cfg.galore_power_iters, seed=cfg.seed)
+    if cfg.matrix_optimizer == "muon" and cfg.use_galore:
+        return GUM([dict(params=ps) for ps in layers], lr=cfg.lr_matrix, momentum=cfg.muon_momentum,
+                   weight_decay=cfg.weight_decay, full_rank_layers=cfg.gum_full_rank_layers, state_bits=bits,
+                   block_size=cfg.block_size_8bit, stochastic_rounding=cfg.stochastic_rounding, **galore)
+    if cfg.matrix_optimizer == "muon":
+        return Muon(matrices, lr=cfg.lr_matrix, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
+                    state_bits=bits, block_size=cfg.block_size_8bit, stochastic_rounding=cfg.stochastic_rounding,
+                    seed=cfg.seed)
+    if cfg.use_galore and cfg.matrix_optimizer == "adamw":
+        return GaLoreAdamW(matrices, lr=cfg.lr_matrix, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                           scale=cfg.galore_scale, **galore)
+    if cfg.use_galore:
+        raise ConfigError("optim.use_galore works with matrix_optimizer = 'muon' (GUM) or 'adamw' (GaLore), "
+                          f"not {cfg.matrix_optimizer!r}")
+    if cfg.matrix_optimizer == "foam":
+        return FOAM(matrices, lr=cfg.lr_matrix, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                    level=cfg.foam_level, scale=cfg.foam_scale)
+    return torch.optim.AdamW([dict(params=matrices, lr=cfg.lr_matrix, weight_decay=cfg.weight_decay)],
+                             betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, ranks: Ranks = Ranks()) -> CombinedOptimizer:
+    """Block matrices -> Muon / GUM / GaLore-AdamW / FOAM / AdamW (each matrix stepped whole by one owner
+    rank in a distributed run); embedding, head, gains -> AdamW or FOAM."""
+    gains = []
     layers: dict[str, list[torch.Tensor]] = {}  # block index -> its matrices (GUM samples whole blocks)
     for name, p in model.named_parameters():
         if name.startswith("blocks.") and p.ndim == 2:
-            matrices.append(p)
             layers.setdefault(name.split(".")[1], []).append(p)
         elif name.startswith(("blocks.", "final_norm.")):
             gains.append(p)
     embed_head = [dict(params=[model.embed.weight], lr=cfg.lr_embed, weight_decay=0.0),
                   dict(params=[model.lm_head.weight], lr=cfg.lr_head, weight_decay=0.0)]
     gains_group = [dict(params=gains, lr=cfg.lr_scalar, weight_decay=0.0)]
-    bits = 8 if cfg.use_8bit_optim else 32
-    galore = dict(rank=cfg.galore_rank, update_freq=cfg.galore_update_freq, min_dim=cfg.galore_min_dim,
-                  oversample=cfg.galore_oversample, power_iters=cfg.galore_power_iters, seed=cfg.seed)
-    if cfg.matrix_optimizer == "muon" and cfg.use_galore:
-        matrix_opt = GUM([dict(params=ps) for ps in layers.values()], lr=cfg.lr_matrix, momentum=cfg.muon_momentum,
-                         weight_decay=cfg.weight_decay, full_rank_layers=cfg.gum_full_rank_layers, state_bits=bits,
-                         block_size=cfg.block_size_8bit,
-                         stochastic_rounding=cfg.stochastic_rounding, **galore)
-    elif cfg.matrix_optimizer == "muon":
-        matrix_opt = Muon(matrices, lr=cfg.lr_matrix, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
-                          state_bits=bits, block_size=cfg.block_size_8bit, stochastic_rounding=cfg.stochastic_rounding,
-                          seed=cfg.seed)
-    elif cfg.use_galore and cfg.matrix_optimizer == "adamw":
-        matrix_opt = GaLoreAdamW(matrices, lr=cfg.lr_matrix, betas=(cfg.beta1, cfg.beta2),
-                                 weight_decay=cfg.weight_decay, scale=cfg.galore_scale, **galore)
-    elif cfg.use_galore:
-        raise ConfigError("optim.use_galore works with matrix_optimizer = 'muon' (GUM) or 'adamw' (GaLore), "
-                          f"not {cfg.matrix_optimizer!r}")
-    elif cfg.matrix_optimizer == "foam":
-        matrix_opt = FOAM(matrices, lr=cfg.lr_matrix, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
-                          level=cfg.foam_level, scale=cfg.foam_scale)
+    if ranks.distributed:
+        matrix_opt = OwnedMatrices(list(layers.values()), lambda ls: build_matrix_optimizer(ls, cfg), ranks)
     else:
-        matrix_opt = torch.optim.AdamW([dict(params=matrices, lr=cfg.lr_matrix, weight_decay=cfg.weight_decay)],
-                                       betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+        matrix_opt = build_matrix_optimizer(list(layers.values()), cfg)
     if cfg.foam_embed_head:
         others = [FOAM(embed_head, betas=(cfg.beta1, cfg.beta2), level=cfg.foam_level),
                   torch.optim.AdamW(gains_group, betas=(cfg.beta1, cfg.beta2), eps=1e-8)]

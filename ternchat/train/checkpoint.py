@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ternchat.paths import building
+from ternchat.train.distributed import load_full_model_state
 from ternchat.train.errors import RunError
 
 CHECKSUMS = "checksums.json"
@@ -68,12 +69,14 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer, trainer_state: dict) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], optimizer_state: Any,
+                    trainer_state: dict) -> Path:
+    """Write a checkpoint of whole tensors (a distributed run gathers them first: train/distributed.py)."""
     out = checkpoint_dir(run_dir, step)
     out.parent.mkdir(parents=True, exist_ok=True)
     with building(out) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "rng": rng_state()}, indent=1))
         sums = {}
         for name in ("model.safetensors", "optimizer.pt", "trainer.json"):
@@ -113,7 +116,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, shape) -> dic
         raise CheckpointError(f"checkpoint {path} is for model {state.get('model_shape')}, but this run builds "
                               f"{asdict(shape)}; resume with the run's own config")
     try:
-        model.load_state_dict(load_file(path / "model.safetensors"))
+        load_full_model_state(model, load_file(path / "model.safetensors"))
     except (SafetensorError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path} does not fit the model: {e}") from None
     if optimizer is not None:

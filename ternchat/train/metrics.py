@@ -7,10 +7,14 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    """`enabled=False` (ranks other than 0 of a distributed run) writes nothing."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
 
     def write(self, **record) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -21,5 +25,7 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step`: on resume the run repeats them."""
+        if not self.enabled:
+            return
         kept = [r for r in self.read() if r.get("step", 0) <= step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))

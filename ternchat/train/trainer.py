@@ -40,7 +40,10 @@ from ternchat.model.bitlinear import to_inference
 from ternchat.model.gpt import GPT, GPTShape
 from ternchat.optim.factory import build_optimizer
 from ternchat.train.errors import RunError
+from ternchat.train.activation_checkpointing import apply_activation_checkpointing
 from ternchat.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ternchat.train.distributed import (barrier, full_model_state, init_distributed, launched_ranks,
+                                        mean_across_ranks, parallelize, shutdown_distributed)
 from ternchat.train.metrics import MetricsLog
 from ternchat.train.schedule import RunLength, schedule
 
@@ -112,7 +115,9 @@ def write_samples(model: GPT, tok: Tokenizer, path: Path, max_tokens: int, seed:
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, log=print):
-        self.run_dir, self.log = Path(run_dir), log
+        self.ranks = launched_ranks()
+        self.run_dir, self.log = Path(run_dir), (log if self.ranks.main else lambda *a, **k: None)
+        log = self.log
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is not None and not resume:
             raise TrainingError(f"{self.run_dir} already has checkpoints; pass --resume to continue that run, or "
@@ -120,13 +125,19 @@ class Trainer:
         if resume and checkpoint is None:
             log(f"no checkpoint in {self.run_dir}; starting a new run")
         self.cfg = cfg
-        self.device = pick_device()
+        self.device = init_distributed(cfg.dist, self.ranks)
+        if not self.ranks.main:
+            barrier()  # rank 0 builds the data once; the others then find it in the cache
         data = prepare_data(cfg, log=log)
+        if self.ranks.main:
+            barrier()
         self.tok = data.tokenizer
         self.shape = GPTShape.from_config(cfg.model, self.tok.vocab_size)
         torch.manual_seed(cfg.train.seed)
         self.model = GPT(self.shape).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        apply_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
+        self.parallel_model = parallelize(self.model, cfg.dist, self.ranks, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.ranks)
         counts = self.model.parameter_counts()
         kind = "ternary" if self.model.is_ternary() else "dense"
         log(f"model: {self.shape.depth} blocks x {self.shape.d_model}, {counts['total']:,} parameters: embedding "
@@ -134,12 +145,14 @@ class Trainer:
             f"norm gains {counts['norm_gains']:,}")
         t = cfg.train
         self.train_loader = TokenLoader(shard_paths(data.shard_dir, "train"), t.batch_size, cfg.model.seq_len,
-                                        seed=t.seed, tokenizer_hash=self.tok.hash, device=self.device)
+                                        seed=t.seed, tokenizer_hash=self.tok.hash, device=self.device,
+                                        rank=self.ranks.rank, world_size=self.ranks.world_size)
         self.val_paths = shard_paths(data.shard_dir, "val")
         self.token_bytes = torch.tensor(self.tok.token_bytes(), dtype=torch.float32, device=self.device)
         self.autocast = autocast_for(t.dtype, self.device)
-        self.forward = compile_if_possible(self.model, self.device, log) if t.compile else self.model
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.forward = (compile_if_possible(self.parallel_model, self.device, log) if t.compile
+                        else self.parallel_model)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.ranks.main)
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
         self.length = RunLength.fixed(t.max_steps, t.warmdown_frac) if t.max_steps else RunLength()
         # Wall clock of the loop over all sessions, and the steps timed for the run-length decision.
@@ -147,7 +160,7 @@ class Trainer:
         self._inference: tuple[int | None, GPT | None] = (None, None)
         if checkpoint is not None:
             self._resume(checkpoint)
-        else:
+        elif self.ranks.main:
             self._start_run_dir()
 
     # --- run directory ----------------------------------------------------------------------
@@ -170,11 +183,16 @@ class Trainer:
         self.log(f"resumed {self.run_dir} from {checkpoint.name} (step {self.step} {of})")
 
     def _checkpoint(self) -> None:
-        save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, {
+        model_state, optimizer_state = full_model_state(self.model), self.optimizer.state_dict()
+        if not self.ranks.main:
+            barrier()
+            return
+        save_checkpoint(self.run_dir, self.step, model_state, optimizer_state, {
             "step": self.step, "length": self.length.to_dict(), "tokens_seen": self.tokens_seen,
             "elapsed": self.elapsed, "wall_seconds": self.wall_seconds, "timed_seconds": self.timed_seconds,
             "timed_steps": self.timed_steps, "loader": self.train_loader.state_dict(),
-            "model_shape": asdict(self.shape)})
+            "model_shape": asdict(self.shape), "world_size": self.ranks.world_size})
+        barrier()
 
     # --- pieces of a step -------------------------------------------------------------------
     def _train_step(self) -> float:
@@ -188,7 +206,7 @@ class Trainer:
                 loss = self.forward(x, y) / t.grad_accum
             loss.backward()
             total += loss.detach()
-        loss_value = total.item()
+        loss_value = mean_across_ranks(total).item()  # every rank then agrees on skipping a bad step
         if math.isfinite(loss_value):
             if o.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
@@ -205,8 +223,23 @@ class Trainer:
         """A copy with fixed ternary codes: same logits, no weight re-quantization per generated token.
         Made once per step, so end-of-run samples and the Rust-problem eval share it."""
         if self._inference[0] != self.step:
-            self._inference = (self.step, to_inference(copy.deepcopy(self.model)).eval())
+            model = self.plain_model()
+            self._inference = (self.step, model and to_inference(model).eval())
         return self._inference[1]
+
+    def plain_model(self) -> GPT | None:
+        """A whole copy of the model without recompute or sharding; in a distributed run a collective that
+        gives the copy to rank 0 and None to the others."""
+        if not self.ranks.distributed:
+            model = copy.deepcopy(self.model)
+        else:
+            state = full_model_state(self.model)
+            if not self.ranks.main:
+                return None
+            model = GPT(self.shape).to(self.device)
+            model.load_state_dict(state)
+        apply_activation_checkpointing(model, "none")
+        return model
 
     def rust_problems_eval(self) -> dict:
         """Compile rate and pass@1 of greedy completions of the shipped Rust problems, in the sandbox;
@@ -259,7 +292,7 @@ class Trainer:
         t, e = self.cfg.train, self.cfg.eval
         if self.length.total is None and t.time_limit_min == 0:
             raise TrainingError("set train.max_steps or train.time_limit_min; both are 0")
-        tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.seq_len
+        tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.seq_len * self.ranks.world_size
         bar = tqdm(total=self.length.total, initial=self.step, desc="train", unit="step", file=sys.stderr)
         bad_steps, last_val, samples, start = 0, {}, [], time.perf_counter()
         first_of_session = True
@@ -289,10 +322,9 @@ class Trainer:
                     self.metrics.write(step=self.step, **last_val)
                     bar.write(f"step {self.step}: val loss {last_val['val_loss']:.4f}, "
                               f"val bpb {last_val['val_bpb']:.4f}")
-                if self._due(e.sample_every):
-                    samples = write_samples(self.inference_model(), self.tok,
-                                            self.run_dir / "samples" / f"step_{self.step:06d}.md", e.sample_tokens,
-                                            seed=t.seed)
+                if self._due(e.sample_every) and (model := self.inference_model()) is not None:
+                    samples = write_samples(model, self.tok, self.run_dir / "samples" / f"step_{self.step:06d}.md",
+                                            e.sample_tokens, seed=t.seed)
             bar.update(1)
             iteration = self.clock() - iteration_start
             self.wall_seconds += iteration
@@ -308,7 +340,10 @@ class Trainer:
             if self._due(t.checkpoint_every) and bad_steps == 0:
                 self._checkpoint()
         bar.close()
-        compiled = self.rust_problems_eval() if e.rust_problems else {}
+        compiled = {}
+        if e.rust_problems:
+            self.inference_model()  # gathering a sharded model takes every rank
+            compiled = self.rust_problems_eval() if self.ranks.main else {}
         wall = time.perf_counter() - start
         return {"steps": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.elapsed,
                 "wall_seconds_this_session": wall, "tok_s": self.tokens_seen / max(self.elapsed, 1e-9),
@@ -328,4 +363,10 @@ def resolve_run(config_path: str | None, overrides: list[str], run_dir: str | No
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False, log=print) -> dict:
-    return Trainer(cfg, run_dir, resume, log).run()
+    """Train a run; in a distributed run every rank calls this and rank 0 gets the result ({} elsewhere)."""
+    trainer = Trainer(cfg, run_dir, resume, log)
+    try:
+        result = trainer.run()
+    finally:
+        shutdown_distributed()
+    return result if trainer.ranks.main else {}

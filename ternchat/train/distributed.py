@@ -1,0 +1,296 @@
+"""Training across processes started by torchrun: DDP or FSDP2, and whole matrices per rank for Muon.
+
+`torchrun --standalone --nproc-per-node N -m ternchat train ...` starts N processes; each reads
+its rank from the environment, joins one process group (NCCL on GPUs, gloo on CPU) and trains on
+its share of every global batch (`TokenLoader` gives rank r the r-th `batch_size` windows).
+`dist.strategy`:
+
+- "ddp": `DistributedDataParallel` replicates the model and all-reduces (averages) gradients.
+- "fsdp2": `torch.distributed.fsdp.fully_shard` on every transformer block and then on the root,
+  so each rank keeps 1/N of every parameter, gradient and AdamW state (as DTensors sharded on
+  dim 0) and all-gathers one block's weights at a time; `dist.fsdp_param_dtype = "bf16"`
+  gathers bf16 copies (half the traffic) and reduces gradients in fp32.
+
+The matrix optimizers (Muon, 8-bit Muon, GUM, FOAM, GaLore) need whole matrices: Newton-Schulz
+orthogonalizes a matrix, GaLore projects it. `OwnedMatrices` gives each matrix one owner rank
+(greedy by size, so the work is balanced), as nanochat's and Moonlight's distributed Muon do:
+per transformer block, each sharded matrix and its gradient are gathered to the owner alone, the
+owner runs the optimizer on the whole matrix, and the new values are scattered back as shards
+(under DDP, where every rank already holds the averaged gradient, the owner steps and broadcasts
+the matrix). Optimizer state exists only on the owner, so it is sharded, not replicated; and the
+inner optimizer sees the matrices in the single-process order (the others without gradients), so
+its draws, seeds and results are those of one process.
+
+A checkpoint is written in the single-process format (`train/checkpoint.py`): the ranks gather
+full tensors and rank 0 writes them. Every rank reads it back and keeps its shard, so a run
+resumes at any number of ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from ternchat.config import DistConfig
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_ranks() -> Ranks:
+    """The ranks torchrun put in the environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    return Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                 int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(cfg: DistConfig, ranks: Ranks) -> torch.device:
+    """Join the process group of a torchrun job; returns this rank's device."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", ranks.local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not ranks.distributed:
+        return device
+    if cfg.strategy == "none":
+        raise ValueError(f"started with {ranks.world_size} processes but dist.strategy = 'none'; "
+                         "set --set dist.strategy=ddp or fsdp2")
+    if not dist.is_initialized():
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+        dist.init_process_group(backend, device_id=device if cuda else None)
+    return device
+
+
+def parallelize(model: nn.Module, cfg: DistConfig, ranks: Ranks, device: torch.device) -> nn.Module:
+    """Shard or replicate `model` across the job's ranks; returns the module to call for the forward."""
+    if not ranks.distributed:
+        return model
+    if cfg.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.fsdp_param_dtype == "bf16" else None,
+                                     reduce_dtype=torch.float32)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=precision, reshard_after_forward=cfg.reshard_after_forward)
+    fully_shard(model, mp_policy=precision, reshard_after_forward=cfg.reshard_after_forward)
+    return model
+
+
+def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over the ranks (in place; gloo has no AVG, so SUM / N)."""
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --- whole matrices on their owner ----------------------------------------------------------------
+def _shard_rows(rows: int, world: int) -> int:
+    """Rows per dim-0 shard as FSDP2 cuts them (torch.chunk: the last shards may be short or empty)."""
+    return -(-rows // world)
+
+
+def gather_to_owner(local: torch.Tensor, rows: int, owner: int) -> torch.Tensor | None:
+    """The whole matrix on `owner` from every rank's dim-0 shard; None elsewhere."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    chunk = _shard_rows(rows, world)
+    padded = local.new_zeros((chunk, *local.shape[1:]))
+    padded[:local.shape[0]] = local
+    pieces = [torch.empty_like(padded) for _ in range(world)] if rank == owner else None
+    dist.gather(padded, pieces, dst=owner)
+    return torch.cat(pieces)[:rows] if rank == owner else None
+
+
+def scatter_from_owner(whole: torch.Tensor | None, local: torch.Tensor, rows: int, owner: int) -> None:
+    """Copy each rank's dim-0 shard of the owner's `rows`-row `whole` matrix into that rank's `local`."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    chunk = _shard_rows(rows, world)
+    received = local.new_empty((chunk, *local.shape[1:]))
+    pieces = None
+    if rank == owner:
+        padded = local.new_zeros((chunk * world, *local.shape[1:]))
+        padded[:rows] = whole
+        pieces = list(padded.chunk(world))
+    dist.scatter(received, pieces, src=owner)
+    local.copy_(received[:local.shape[0]])
+
+
+def balanced_owners(sizes: list[int], world: int) -> list[int]:
+    """An owner rank per matrix: largest first, each to the least loaded rank (ties: lowest rank)."""
+    load, owners = [0] * world, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        owners[i] = min(range(world), key=lambda r: (load[r], r))
+        load[owners[i]] += sizes[i]
+    return owners
+
+
+class OwnedMatrices:
+    """A matrix optimizer whose matrices are each stepped, whole, by one owner rank.
+
+    `groups` are the matrices in single-process order, one list per transformer block; `build`
+    makes the inner optimizer from groups of tensors. The inner optimizer is built over stand-ins
+    for every matrix, so its indices, seeds and draws are the single-process ones, but only the
+    owner's stand-ins ever get a gradient, so only the owner creates state for a matrix.
+    """
+
+    def __init__(self, groups: list[list[nn.Parameter]], build: Callable[[list[list[torch.Tensor]]], torch.optim.Optimizer],
+                 ranks: Ranks):
+        self.groups, self.rank, self.world = groups, ranks.rank, ranks.world_size
+        self.params = [p for g in groups for p in g]
+        self.owner = dict(zip(self.params, balanced_owners([p.numel() for p in self.params], self.world)))
+        self.sharded = any(isinstance(p, DTensor) for p in self.params)
+        if self.sharded:  # whole-matrix stand-ins whose storage exists only while the owner steps
+            self.whole = {p: self._empty_like_full(p) for p in self.params}
+        else:
+            self.whole = {p: p for p in self.params}
+        self.inner = build([[self.whole[p] for p in g] for g in groups])
+
+    @staticmethod
+    def _empty_like_full(p: nn.Parameter) -> torch.Tensor:
+        t = torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device)
+        t.untyped_storage().resize_(0)
+        return t
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups
+
+    @property
+    def state(self):
+        return self.inner.state
+
+    def owned(self, p: nn.Parameter) -> bool:
+        return self.owner[p] == self.rank
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if not self.sharded:
+            self._step_replicated()
+            return
+        for group in self.groups:  # one block at a time bounds the whole matrices alive on a rank
+            self._step_sharded(group)
+
+    def _step_replicated(self) -> None:
+        for p in self.params:  # every rank holds the averaged gradient; only the owner steps
+            if not self.owned(p):
+                p.grad = None
+        self.inner.step()
+        handles = [dist.broadcast(p.data, src=self.owner[p], async_op=True) for p in self.params]
+        for h in handles:
+            h.wait()
+
+    def _step_sharded(self, group: list[nn.Parameter]) -> None:
+        for p in group:
+            value = gather_to_owner(p.to_local(), p.shape[0], self.owner[p])
+            grad = gather_to_owner(p.grad.to_local(), p.shape[0], self.owner[p]) if p.grad is not None else None
+            if self.owned(p):
+                whole = self.whole[p]
+                whole.untyped_storage().resize_(value.numel() * value.element_size())
+                whole.copy_(value)
+                whole.grad = grad
+        self.inner.step()
+        for p in group:
+            whole = self.whole[p] if self.owned(p) else None
+            scatter_from_owner(whole, p.to_local(), p.shape[0], self.owner[p])
+            if whole is not None:
+                whole.grad = None
+                whole.untyped_storage().resize_(0)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    # The state dict holds the single-process layout: gathered on rank 0 to save, filtered to the owned
+    # matrices on load. Indices are positions in `self.params`, as torch's optimizers number them.
+    def state_dict(self) -> dict:
+        mine = self.inner.state_dict()
+        if not dist.is_initialized():
+            return mine
+        everyone: list = [None] * self.world
+        dist.all_gather_object(everyone, {i: s for i, s in mine["state"].items()})
+        merged = {}
+        for states in everyone:
+            merged.update(states)
+        return {"state": dict(sorted(merged.items())), "param_groups": mine["param_groups"]}
+
+    def load_state_dict(self, state: dict) -> None:
+        owned = {i for i, p in enumerate(self.params) if self.owned(p)}
+        self.inner.load_state_dict({"state": {i: s for i, s in state["state"].items() if int(i) in owned},
+                                    "param_groups": state["param_groups"]})
+
+
+# --- whole tensors for checkpoints and evaluation copies --------------------------------------------
+def is_sharded(model: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with whole tensors; for a sharded model a collective whose result only rank 0
+    receives (in host memory; the other ranks get {})."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load whole tensors (every rank has them) into a plain or a sharded model."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+# --- optimizer state of FSDP2's sharded parameters -------------------------------------------------
+def full_state(state: dict) -> dict:
+    """A torch optimizer's state dict with every DTensor gathered whole (a collective on all ranks)."""
+    return {"state": {i: {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in s.items()}
+                      for i, s in state["state"].items()},
+            "param_groups": state["param_groups"]}
+
+
+def shard_state(state: dict, params: Iterable[torch.Tensor]) -> dict:
+    """Cut the whole tensors of a saved optimizer state down to this rank's shards of `params`."""
+    params = list(params)
+    out = {}
+    for i, s in state["state"].items():
+        p = params[int(i)]
+        out[i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                  if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape else v
+                  for k, v in s.items()}
+    return {"state": out, "param_groups": state["param_groups"]}

@@ -1,0 +1,75 @@
+"""Three training steps of a small GPT on a fixed global batch, in one process or as a torchrun rank.
+
+Each of N ranks takes its 1/N of the batch's rows, as TokenLoader hands them out; one process can
+take the same rows as N accumulated micro-batches, which makes its gradients equal to the ranks'
+averaged ones bit for bit (halving is exact in floating point). Rank 0 writes
+the whole gradients of the first step and the whole parameters after the last to --out, so a test
+can compare a 2-rank run with a 1-process run of the same global batch.
+"""
+
+import argparse
+
+import torch
+
+from ternchat.config import load_config
+from ternchat.model.gpt import GPT, GPTShape
+from ternchat.optim.factory import build_optimizer
+from ternchat.train.distributed import full_model_state, init_distributed, launched_ranks, parallelize
+
+VOCAB, ROWS, SEQ = 256, 4, 32
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", default="none")
+    parser.add_argument("--optim", choices=("sgd", "muon", "8bit-muon", "gum"), default="sgd")
+    parser.add_argument("--checkpointing", default="none")
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="split this rank's rows into this many accumulated micro-batches")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    overrides = ["model.depth=2", "model.d_model=64", "model.n_heads=2", f"model.seq_len={SEQ}",
+                 f"dist.strategy={args.strategy}", "dist.fsdp_param_dtype=fp32",
+                 f"train.activation_checkpointing={args.checkpointing}", "optim.muon_momentum=0.9"]
+    if args.optim == "8bit-muon":
+        overrides.append("optim.use_8bit_optim=true")
+    if args.optim == "gum":
+        overrides += ["optim.use_galore=true", "optim.galore_rank=8", "optim.galore_min_dim=32",
+                      "optim.galore_update_freq=2"]
+    cfg = load_config(overrides=overrides)
+    ranks = launched_ranks()
+    device = init_distributed(cfg.dist, ranks)
+    torch.manual_seed(0)
+    model = GPT(GPTShape.from_config(cfg.model, VOCAB)).to(device)
+    with torch.no_grad():  # the residual projections start at zero; give every matrix a gradient
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    forward = parallelize(model, cfg.dist, ranks, device)
+    if args.optim == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    else:
+        optimizer = build_optimizer(model, cfg.optim, ranks)
+    per_rank = ROWS // ranks.world_size
+    first_grads = {}
+    for step in range(3):
+        batch = torch.randint(0, VOCAB, (ROWS, SEQ + 1), generator=torch.Generator().manual_seed(step))
+        mine = batch[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]
+        for rows in mine.chunk(args.micro_batches):
+            (forward(rows[:, :-1], rows[:, 1:]) / args.micro_batches).backward()
+        if step == 0:
+            first_grads = {n: whole(p.grad).clone() for n, p in model.named_parameters()}
+        optimizer.step()
+        optimizer.zero_grad()
+    state = {k: v.clone() for k, v in full_model_state(model).items()}
+    if ranks.main:
+        torch.save({"grads": first_grads, "params": state}, args.out)
+    if ranks.distributed:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

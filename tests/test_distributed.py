@@ -1,0 +1,116 @@
+"""torchrun with 2 gloo ranks against 1 process on the same global batch: DDP and FSDP2 give the same
+gradients and parameters; Muon's whole matrices per owner rank give the single-process result; a
+2-rank run killed with kill -9 resumes at 2 ranks with the same losses, and at 1 rank."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ternchat.train.checkpoint import latest_checkpoint
+from ternchat.train.distributed import balanced_owners
+
+WORKER = Path(__file__).parent / "dist_worker.py"
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is needed")
+
+
+def torchrun(nproc: int, *args: str, **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+
+
+def run_worker(tmp_path: Path, nproc: int, *args: str) -> dict:
+    out = tmp_path / f"{nproc}-{'-'.join(args)}.pt"
+    if nproc == 1:
+        cmd = [sys.executable, str(WORKER), *args, "--out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr
+    else:
+        proc = torchrun(nproc, str(WORKER), *args, "--out", str(out))
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    return torch.load(out, weights_only=True)
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_ranks_match_one_process_with_sgd(tmp_path, strategy):
+    one = run_worker(tmp_path, 1, "--optim", "sgd")  # all 4 rows in one batch
+    two = run_worker(tmp_path, 2, "--strategy", strategy, "--optim", "sgd")
+    assert max_difference(one["grads"], two["grads"]) < 1e-6  # averaged, not summed: a factor 2 would show
+    assert max_difference(one["params"], two["params"]) < 1e-6
+
+
+@pytest.mark.parametrize("strategy, optim", [("ddp", "muon"), ("fsdp2", "muon"), ("fsdp2", "8bit-muon"),
+                                             ("fsdp2", "gum")])
+def test_two_ranks_match_one_process_with_matrix_optimizers(tmp_path, strategy, optim):
+    # One process accumulates the two ranks' rows as two micro-batches, so the gradients agree bit for bit
+    # and any difference after three steps is the distributed optimizer's (Newton-Schulz in bf16 and
+    # Adam on near-zero gradients would amplify rounding-level differences far beyond 1e-6).
+    one = run_worker(tmp_path, 1, "--optim", optim, "--micro-batches", "2")
+    two = run_worker(tmp_path, 2, "--strategy", strategy, "--optim", optim)
+    assert max_difference(one["grads"], two["grads"]) == 0
+    assert max_difference(one["params"], two["params"]) < 1e-6
+
+
+def test_owners_balance_the_work():
+    owners = balanced_owners([100, 100, 50, 50, 10, 10], 2)
+    load = [sum(s for s, o in zip([100, 100, 50, 50, 10, 10], owners) if o == r) for r in range(2)]
+    assert load == [160, 160]
+
+
+def tiny_train_args(overrides: list[str], run_dir: Path, *extra: str) -> list[str]:
+    sets = [a for o in [*overrides, "train.max_steps=14", "train.checkpoint_every=4", "train.batch_size=4",
+                        "dist.strategy=fsdp2", "dist.fsdp_param_dtype=fp32"] for a in ("--set", o)]
+    return ["-m", "ternchat", "train", "--run-dir", str(run_dir), *sets, *extra]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_kill_9_of_a_two_rank_run_resumes_at_two_ranks_and_at_one(tmp_path, overrides):
+    reference = torchrun(2, *tiny_train_args(overrides, tmp_path / "ref"))
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err
+
+    victim = torchrun(2, *tiny_train_args(overrides, tmp_path / "cut"))
+    deadline = time.time() + 300
+    while not (tmp_path / "cut" / "checkpoints" / "step_000008" / "checksums.json").exists():
+        assert victim.poll() is None and time.time() < deadline, victim.communicate()[1]
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)  # the whole job: torchrun and both ranks
+    victim.wait()
+    assert latest_checkpoint(tmp_path / "cut").name in ("step_000008", "step_000012")
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut_one_rank")
+
+    resumed = torchrun(2, *tiny_train_args(overrides, tmp_path / "cut", "--resume"))
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    expected, got = losses(tmp_path / "ref"), losses(tmp_path / "cut")
+    assert sorted(got) == list(range(1, 15))
+    assert got == expected  # bit-identical on CPU
+
+    # The same checkpoint at one rank: the same global batch now runs as 4 rows on one process.
+    one = subprocess.run([sys.executable, *tiny_train_args(overrides, tmp_path / "cut_one_rank", "--resume",
+                                                           "--set", "train.batch_size=8")],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    resumed_alone = losses(tmp_path / "cut_one_rank")
+    assert sorted(resumed_alone) == list(range(1, 15))
+    first_after = min(s for s in resumed_alone if s > 8)
+    assert resumed_alone[first_after] == pytest.approx(expected[first_after], rel=1e-4)
