@@ -293,7 +293,8 @@ class Trainer:
         if self.length.total is None and t.time_limit_min == 0:
             raise TrainingError("set train.max_steps or train.time_limit_min; both are 0")
         tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.seq_len * self.ranks.world_size
-        bar = tqdm(total=self.length.total, initial=self.step, desc="train", unit="step", file=sys.stderr)
+        bar = tqdm(total=self.length.total, initial=self.step, desc="train", unit="step", file=sys.stderr,
+                   disable=not self.ranks.main)
         bad_steps, last_val, samples, start = 0, {}, [], time.perf_counter()
         first_of_session = True
         while self.length.total is None or self.step < self.length.total:
