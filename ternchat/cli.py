@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ternchat import __version__
-from ternchat.config import SECTIONS, Config, ConfigError, describe, load_config
+from ternchat.config import SECTIONS, Config, ConfigError, describe, load_config, parse_bytes
 from ternchat.data.errors import DataError
 from ternchat.train.errors import RunError
 from ternchat.verify.sandbox import SandboxUnavailable
@@ -200,6 +200,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.out:
             args.out.write_text(json.dumps(result, indent=1) + "\n")
         return 0
+    if args.what == "scale":
+        from ternchat.bench.scale_bench import bench_scale, format_scale
+
+        try:
+            cap = parse_bytes(args.memory_cap) if args.memory_cap else None
+        except ValueError as e:
+            raise ConfigError(f"--memory-cap: {e}") from None
+        result = bench_scale(_config(args), args.steps, args.warmup, cap, args.peak_tflops, args.cpu)
+        if result:  # rank 0
+            print(format_scale(result))
+            if args.out:
+                args.out.write_text(json.dumps(result, indent=1) + "\n")
+        return 0
     if args.what == "eval":
         from ternchat.bench.eval_bench import bench_eval, format_result
 
@@ -272,7 +285,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from ternchat.config import parse_bytes
     from ternchat.plan import format_plan, measure_cpu, plan_memory
 
     cfg = _config(args)
@@ -285,7 +297,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ConfigError(f"--gpu-mem: {e}") from None
     device = "cpu" if args.measure else "cuda"
-    plan = plan_memory(cfg, vocab, args.micro_batch, budget, gpus, device)
+    host = parse_bytes(hw.host_memory) if hw.host_memory and not args.gpu_mem else None
+    plan = plan_memory(cfg, vocab, args.micro_batch, budget, gpus, device, host)
     recompute = cfg.train.activation_checkpointing
     title = (f"{args.config or 'tiny_cpu (built-in)'}" + (f" on {hw.name}" if hw.name and not args.gpu_mem else "")
              + (f", activation checkpointing {recompute}" if recompute != "none" else ""))
@@ -386,12 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "bench optim: seven optimizer setups on the same model, seed and batches. "
                                    "bench sweep: the same for each point of a grid of config values. bench dedup: "
                                    "near-duplicate sketches, rensa against datasketch (if installed). bench dist: "
-                                   "one process against two torchrun ranks (DDP, FSDP2) on the same global batch.")
-    p.add_argument("what", choices=["train", "eval", "optim", "sweep", "dedup", "dist"],
+                                   "one process against two torchrun ranks (DDP, FSDP2) on the same global batch. "
+                                   "bench scale: a config's real model for a few steps on a GPU (optionally "
+                                   "capped to a smaller card): tok/s, MFU and peak memory against the plan.")
+    p.add_argument("what", choices=["train", "eval", "optim", "sweep", "dedup", "dist", "scale"],
                    help="train: training throughput and memory; eval: sandboxed compile+run evaluations per second; "
                         "optim: the memory-efficient optimizers against Muon and AdamW; sweep: validation loss "
                         "over a grid of config values; dedup: rensa's MinHash against datasketch's on the corpus; "
-                        "dist: tokens/s of 1 process vs 2 ranks")
+                        "dist: tokens/s of 1 process vs 2 ranks; scale: a preset's model on a GPU against its plan")
     p.add_argument("--optim-steps", type=int, default=100, help="optim, sweep, dist: training steps per run")
     p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
                    help="sweep: values to try for one key (repeatable; the runs cover every combination)")
@@ -404,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="rounds; each variant runs --steps steps per round")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (compilation)")
+    p.add_argument("--memory-cap", metavar="BYTES", help="scale: let the process allocate only this much GPU "
+                                                           "memory, e.g. 24GiB for a 4090 on a larger card")
+    p.add_argument("--peak-tflops", type=float, help="scale: the device's dense bf16 peak for MFU (default: "
+                                                     "the datasheet figure for known GPUs)")
+    p.add_argument("--cpu", action="store_true", help="scale: run on the CPU (a check of the code path)")
     p.add_argument("--out", type=Path, help="also write the measurements as JSON")
     _add_unisolated_arg(p)
     p.set_defaults(func=cmd_bench)

@@ -167,6 +167,10 @@ class DistConfig:
                                        "gradients are reduced in fp32 either way")
     reshard_after_forward: bool = _field(True, doc="FSDP2: free each block's gathered weights after its forward "
                                                    "and gather them again in backward (less memory, more traffic)")
+    offload: bool = _field(False, doc="keep fp32 weights, gradients and optimizer state in host memory: FSDP2's "
+                                      "CPUOffloadPolicy streams each block's weights to the GPU and its gradients "
+                                      "back, and each matrix is stepped on the GPU; needs strategy = 'fsdp2' "
+                                      "(also in one process, without torchrun)")
 
 
 @dataclass
@@ -176,6 +180,8 @@ class HardwareConfig:
     name: str = _field("", doc="the machine in words, for the plan's title")
     gpus: int = _field(1, min=1, doc="GPUs, one rank each")
     gpu_memory: str = _field("", doc="memory per GPU, e.g. '24GiB' or '96GB'; empty = not declared")
+    host_memory: str = _field("", doc="host RAM for the whole machine, e.g. '512GiB'; the plan checks what "
+                                      "dist.offload keeps there against it; empty = not declared")
 
 
 @dataclass
@@ -283,11 +289,15 @@ def _validate(cfg: Config) -> None:
     if o.use_galore and o.matrix_optimizer == "muon" and o.gum_full_rank_layers >= m.depth:
         raise ConfigError(f"optim.gum_full_rank_layers = {o.gum_full_rank_layers} must be less than model.depth = "
                           f"{m.depth}: GUM draws that many of the blocks each period for a full-rank step")
-    if cfg.hardware.gpu_memory:
-        try:
-            parse_bytes(cfg.hardware.gpu_memory)
-        except ValueError as e:
-            raise ConfigError(f"hardware.gpu_memory: {e}") from None
+    for key in ("gpu_memory", "host_memory"):
+        if value := getattr(cfg.hardware, key):
+            try:
+                parse_bytes(value)
+            except ValueError as e:
+                raise ConfigError(f"hardware.{key}: {e}") from None
+    if cfg.dist.offload and cfg.dist.strategy != "fsdp2":
+        raise ConfigError(f"dist.offload needs dist.strategy = 'fsdp2' (it is {cfg.dist.strategy!r}): FSDP2 does "
+                          "the streaming, also in a single process")
     if cfg.data.min_file_bytes >= cfg.data.max_file_bytes:
         raise ConfigError("data.min_file_bytes must be smaller than data.max_file_bytes")
 

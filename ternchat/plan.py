@@ -26,6 +26,15 @@ matrices whole to their owners (value and gradient, fp32).
   same-shape matrices (up to `muon.NS_CHUNK_VALUES` values at once) and the fp32 copies of 8-bit
   momentum, with coefficients measured on this code (`tests/test_plan.py` re-measures them);
 - on a GPU the CUDA context and allocator slack (1 GiB + 5%).
+With `dist.offload` the fp32 weights, gradients and optimizer state move to the host's column
+(for the whole machine, plus a whole fp32 copy of the model that end-of-run samples and evals
+build there), and the GPU keeps what streams through it: two blocks' gathered weights and the
+fp32 copy of one arriving from the host, one block's gradient in the compute dtype with its fp32
+reduction and result waiting for the copy back, the root's embedding and head and their
+gradients, and for the step one block's matrices, gradients and optimizer state (the largest
+block's: a GUM full-rank one) besides the Newton-Schulz workspace. The plan also counts the bytes
+that cross the host link per optimizer step, the lower bound on a step's time that offload adds
+where compute cannot hide it.
 The step's temporaries come after backward has freed the activations, so the peak counts the
 larger of the two phases. It is still an upper bound: gradients fill in while activations are
 freed, so they never all coexist; measured tensor peaks on CPU come out below it (docs/memory.md).
@@ -129,18 +138,27 @@ class Plan:
     largest_micro_batch: int | None
     smallest_total: float  # micro-batch 1
     notes: list[str] = field(default_factory=list)
+    host: dict[str, float] = field(default_factory=dict)  # with offload: host memory of the whole machine
+    host_budget: int | None = None
+    link_bytes_per_step: dict[str, float] = field(default_factory=dict)  # with offload: to and from the GPUs
 
     @property
     def total(self) -> float:
         return peak_bytes(self.components)
 
     @property
+    def host_total(self) -> float:
+        return sum(self.host.values())
+
+    @property
     def fits(self) -> bool | None:
-        return None if self.budget is None else self.total <= self.budget
+        if self.budget is None:
+            return None
+        return self.total <= self.budget and (self.host_budget is None or self.host_total <= self.host_budget)
 
 
 def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gpu_mem: int | None = None,
-                gpus: int = 1, device: str = "cuda") -> Plan:
+                gpus: int = 1, device: str = "cuda", host_mem: int | None = None) -> Plan:
     s = GPTShape.from_config(cfg.model, vocab_size)
     o = cfg.optim
     matrices = block_matrices(s)
@@ -158,7 +176,8 @@ def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gp
         other_state = 8 * embed_head / 2 ** o.foam_level
     else:
         other_state = (2 if eight_bit_adamw else 8) * embed_head
-    strategy = cfg.dist.strategy if gpus > 1 else "none"
+    offload = cfg.dist.offload
+    strategy = cfg.dist.strategy if gpus > 1 or offload else "none"
     if gpus > 1 and strategy == "none":
         notes.append(f"{gpus} devices but dist.strategy = 'none': planned as one process per device, unsharded")
     shards = gpus if strategy == "fsdp2" else 1  # FSDP2 cuts weights, gradients and AdamW state N ways
@@ -167,6 +186,10 @@ def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gp
     optimizer = matrix_state / owners + (other_state + 8 * gains) / shards
     optimizer_workspace = newton_schulz_workspace(s, o)
     block_values = matrix_params // s.depth
+    gather = 2 if cfg.dist.fsdp_param_dtype == "bf16" else 4
+    if offload:  # the step streams one block's matrices, gradients and state (a full-rank GUM block's) through
+        block_state = sum(matrix_state_bytes(r, c, o, 1.0) for r, c in block_matrices(s)[:len(matrices) // s.depth])
+        optimizer_workspace += 8.0 * block_values + block_state
     recompute = cfg.train.activation_checkpointing
     # The bf16 copy of each matrix that the forward saves for backward (autocast's cast, or the gathered
     # copy under FSDP2): every block's, or with recompute only the block being recomputed.
@@ -185,12 +208,18 @@ def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gp
         parts = {"weights (fp32 latent)": 4.0 * params / shards, "gradients (fp32)": 4.0 * params / shards,
                  "optimizer state": float(optimizer), "activations": float(activations),
                  "logits gradient": 8.0 * s.vocab_size * tokens, STEP_PHASE: float(optimizer_workspace)}
-        if shards > 1:
-            gather = 2 if cfg.dist.fsdp_param_dtype == "bf16" else 4
-            # two blocks' gathered weights (one computing, one prefetched), the root's embedding and head,
-            # one block's fp32 gradient before its reduce-scatter
-            parts["FSDP2 gathered weights"] = float(gather * (2 * block_values + embed_head) + 4 * block_values)
-        if owners > 1:  # a block's matrices, value and gradient, gathered whole to their owners for the step
+        # Gathered weights: two blocks' (one computing, one prefetched), or every block's where they stay
+        # gathered from forward to backward; the root's embedding and head.
+        gathered = gather * ((2 * block_values if cfg.dist.reshard_after_forward else matrix_params) + embed_head)
+        if offload:
+            for resident in ("weights (fp32 latent)", "gradients (fp32)", "optimizer state"):
+                del parts[resident]
+            # plus the fp32 copy of the block arriving from the host
+            parts["FSDP2 streamed weights"] = float(gathered + 4 * block_values)
+            parts["gradients in flight"] = float((gather + 8) * block_values + gather * embed_head)
+        elif shards > 1:  # plus one block's fp32 gradient before its reduce-scatter
+            parts["FSDP2 gathered weights"] = float(gathered + 4 * block_values)
+        if owners > 1 and not offload:  # a block's matrices and gradients gathered whole to their owners
             parts[STEP_PHASE] += 8.0 * block_values
         if device == "cuda":
             parts["CUDA context"] = float(CUDA_CONTEXT)
@@ -204,7 +233,20 @@ def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gp
             if peak_bytes(components(b)) > gpu_mem:
                 break
             best = b
-    return Plan(components(batch), gpu_mem, batch, best, peak_bytes(components(1)), notes)
+    plan = Plan(components(batch), gpu_mem, batch, best, peak_bytes(components(1)), notes, host_budget=host_mem)
+    if offload:
+        plan.host = {"weights (fp32 latent)": 4.0 * params, "gradients (fp32)": 4.0 * params,
+                     "optimizer state": float(matrix_state + other_state + 8 * gains),
+                     "whole-model copy for samples and evals": 8.0 * params}
+        passes = 2 if cfg.dist.reshard_after_forward else 1  # forward, and again for backward
+        accum = cfg.train.grad_accum
+        plan.link_bytes_per_step = {  # per GPU: its shards' weights every pass, its gradients, its owned matrices
+            "to the GPU": (accum * passes * 4 * params + 8 * matrix_params + matrix_state) / shards,
+            "to the host": (accum * 4 * params + 4 * matrix_params + matrix_state) / shards}
+    return plan
+
+
+PCIE4_X16_BYTES_PER_S = 25e9  # what pinned copies reach on a PCIe 4.0 x16 link, each direction
 
 
 def format_plan(plan: Plan, title: str, gpus: int, strategy: str = "none") -> str:
@@ -212,15 +254,27 @@ def format_plan(plan: Plan, title: str, gpus: int, strategy: str = "none") -> st
     how = {"fsdp2": "FSDP2: weights, gradients and AdamW state sharded, block matrices' state on one owner each",
            "ddp": "DDP: every device holds the model, block matrices' state on one owner each"}
     layout = how.get(strategy, "one process") if gpus > 1 else "one process"
+    if plan.host:
+        layout += "; offload: weights, gradients and optimizer state in host memory"
     lines = [f"{title}: per device ({gpus} device(s), {layout})",
              "| component | GiB |", "|---|---|"]
     lines += [f"| {name} | {value / gib:,.2f} |" for name, value in plan.components.items()]
     lines.append(f"| **peak** (micro-batch {plan.micro_batch}) | **{plan.total / gib:,.2f}** |")
     lines.append(f"\nThe peak counts the larger of the backward phase ({' + '.join(BACKWARD_PHASE)}) and the "
                  f"{STEP_PHASE}, which come after backward has freed the activations.")
+    if plan.host:
+        lines += ["\nHost memory (the whole machine):", "| component | GiB |", "|---|---|"]
+        lines += [f"| {name} | {value / gib:,.2f} |" for name, value in plan.host.items()]
+        lines.append(f"| **total** | **{plan.host_total / gib:,.2f}** |")
+        up, down = plan.link_bytes_per_step["to the GPU"], plan.link_bytes_per_step["to the host"]
+        lines.append(f"\nHost link per optimizer step and GPU: {up / 1e9:,.0f} GB to the GPU, {down / 1e9:,.0f} GB "
+                     f"back; at {PCIE4_X16_BYTES_PER_S / 1e9:.0f} GB/s each way (PCIe 4.0 x16) at least "
+                     f"{max(up, down) / PCIE4_X16_BYTES_PER_S:,.1f} s per step go to copies, hidden only where "
+                     "compute takes longer (fewer, larger micro-batches cross the link fewer times)")
     if plan.budget is not None:
         verdict = "fits" if plan.fits else "does NOT fit"
-        fixed = sum(plan.components[k] for k in ("weights (fp32 latent)", "gradients (fp32)", "optimizer state"))
+        fixed = sum(plan.components.get(k, 0.0) for k in ("weights (fp32 latent)", "gradients (fp32)",
+                                                           "optimizer state"))
         if plan.largest_micro_batch:
             largest = f"largest micro-batch that fits: {plan.largest_micro_batch}"
         elif fixed > plan.budget:
@@ -229,6 +283,9 @@ def format_plan(plan: Plan, title: str, gpus: int, strategy: str = "none") -> st
         else:
             largest = f"no micro-batch fits: micro-batch 1 needs {plan.smallest_total / gib:,.1f} GiB"
         lines.append(f"\nverdict: {verdict} in {plan.budget / gib:,.1f} GiB; {largest}")
+        if plan.host_budget is not None:
+            room = "fits in" if plan.host_total <= plan.host_budget else "does NOT fit in"
+            lines.append(f"host memory: {plan.host_total / gib:,.1f} GiB {room} {plan.host_budget / gib:,.1f} GiB")
     lines += [f"note: {note}" for note in plan.notes]
     return "\n".join(lines)
 

@@ -1,5 +1,8 @@
 """Three training steps of a small GPT on a fixed global batch, in one process or as a torchrun rank.
 
+With --offload (FSDP2's shards and the optimizer state in host memory, also in one process), the
+results must be those of the same run without it.
+
 Each of N ranks takes its 1/N of the batch's rows, as TokenLoader hands them out; one process can
 take the same rows as N accumulated micro-batches, which makes its gradients equal to the ranks'
 averaged ones bit for bit (halving is exact in floating point). Rank 0 writes
@@ -14,7 +17,8 @@ import torch
 from ternchat.config import load_config
 from ternchat.model.gpt import GPT, GPTShape
 from ternchat.optim.factory import build_optimizer
-from ternchat.train.distributed import full_model_state, init_distributed, launched_ranks, parallelize
+from ternchat.train.distributed import (full_model_state, init_distributed, launched_ranks, model_home, parallelize,
+                                        shutdown_distributed)
 
 VOCAB, ROWS, SEQ = 256, 4, 32
 
@@ -28,12 +32,14 @@ def main() -> None:
     parser.add_argument("--strategy", default="none")
     parser.add_argument("--optim", choices=("sgd", "muon", "8bit-muon", "gum"), default="sgd")
     parser.add_argument("--checkpointing", default="none")
+    parser.add_argument("--offload", action="store_true", help="dist.offload: shards and state in host memory")
     parser.add_argument("--micro-batches", type=int, default=1,
                         help="split this rank's rows into this many accumulated micro-batches")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     overrides = ["model.depth=2", "model.d_model=64", "model.n_heads=2", f"model.seq_len={SEQ}",
                  f"dist.strategy={args.strategy}", "dist.fsdp_param_dtype=fp32",
+                 f"dist.offload={str(args.offload).lower()}",
                  f"train.activation_checkpointing={args.checkpointing}", "optim.muon_momentum=0.9"]
     if args.optim == "8bit-muon":
         overrides.append("optim.use_8bit_optim=true")
@@ -44,7 +50,7 @@ def main() -> None:
     ranks = launched_ranks()
     device = init_distributed(cfg.dist, ranks)
     torch.manual_seed(0)
-    model = GPT(GPTShape.from_config(cfg.model, VOCAB)).to(device)
+    model = GPT(GPTShape.from_config(cfg.model, VOCAB)).to(model_home(cfg.dist, device))
     with torch.no_grad():  # the residual projections start at zero; give every matrix a gradient
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -67,8 +73,7 @@ def main() -> None:
     state = {k: v.clone() for k, v in full_model_state(model).items()}
     if ranks.main:
         torch.save({"grads": first_grads, "params": state}, args.out)
-    if ranks.distributed:
-        torch.distributed.destroy_process_group()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -123,3 +123,9 @@ def test_sweep_grid_values_are_checked_before_anything_runs():
         parse_grid(["optim.lr_embed=0.01,20"])
     with pytest.raises(ConfigError, match="--grid expects"):
         parse_grid(["optim.lr_embed"])
+
+
+def test_offload_needs_fsdp2():
+    with pytest.raises(ConfigError, match="dist.offload needs dist.strategy = 'fsdp2' \\(it is 'ddp'\\)"):
+        load_config(overrides=["dist.offload=true", "dist.strategy=ddp"])
+    assert load_config(overrides=["dist.offload=true", "dist.strategy=fsdp2"]).dist.offload

@@ -114,3 +114,40 @@ def test_kill_9_of_a_two_rank_run_resumes_at_two_ranks_and_at_one(tmp_path, over
     assert sorted(resumed_alone) == list(range(1, 15))
     first_after = min(s for s in resumed_alone if s > 8)
     assert resumed_alone[first_after] == pytest.approx(expected[first_after], rel=1e-4)
+
+
+@pytest.mark.parametrize("optim", ["muon", "gum"])
+def test_offload_matches_the_run_without_it(tmp_path, optim):
+    # One process; the shards and the optimizer state stay in host memory and each matrix steps on the
+    # compute device (here both are the CPU, so this checks the code path and its arithmetic).
+    plain = run_worker(tmp_path, 1, "--optim", optim)
+    offloaded = run_worker(tmp_path, 1, "--strategy", "fsdp2", "--offload", "--optim", optim)
+    assert max_difference(plain["grads"], offloaded["grads"]) == 0
+    assert max_difference(plain["params"], offloaded["params"]) == 0
+
+
+def test_offload_with_two_ranks_matches_one_process(tmp_path):
+    one = run_worker(tmp_path, 1, "--optim", "8bit-muon", "--micro-batches", "2")
+    two = run_worker(tmp_path, 2, "--strategy", "fsdp2", "--offload", "--optim", "8bit-muon")
+    assert max_difference(one["grads"], two["grads"]) == 0
+    assert max_difference(one["params"], two["params"]) < 1e-6
+
+
+def test_offloaded_training_has_the_losses_of_plain_training_and_resumes(tmp_path, overrides):
+    def train(run_dir: Path, *extra: str) -> dict[int, float]:
+        sets = [a for o in [*overrides, "train.max_steps=6", "train.checkpoint_every=3", "train.batch_size=4",
+                            *extra] for a in ("--set", o)]
+        args = ["--resume"] if (run_dir / "checkpoints").exists() else []
+        proc = subprocess.run([sys.executable, "-m", "ternchat", "train", "--run-dir", str(run_dir), *sets, *args],
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr
+        return losses(run_dir)
+
+    offload = ("dist.strategy=fsdp2", "dist.offload=true", "dist.fsdp_param_dtype=fp32")
+    plain = train(tmp_path / "plain")
+    offloaded = train(tmp_path / "offload", *offload)
+    assert sorted(offloaded) == list(range(1, 7))
+    assert offloaded == pytest.approx(plain, rel=1e-6)
+
+    shutil.rmtree(tmp_path / "offload" / "checkpoints" / "step_000006")
+    assert train(tmp_path / "offload", *offload) == offloaded

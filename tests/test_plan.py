@@ -76,8 +76,26 @@ def test_cli_verdict_for_a_hardware_preset_needs_no_flags(preset, gpus, memory):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert f"in {memory}" in result.stdout and f"({gpus} device(s)" in result.stdout
-    assert "verdict:" in result.stdout and "optimizer state" in result.stdout
+    assert "verdict: fits" in result.stdout and "optimizer state" in result.stdout
+    assert "host memory: " not in result.stdout or " GiB fits in " in result.stdout
     assert load_config(CONFIGS / f"{preset}.toml").hardware.name in result.stdout
+
+
+def test_offload_moves_the_resident_state_to_the_host():
+    cfg = load_config(overrides=SMALL)
+    offloaded = load_config(overrides=[*SMALL, "dist.strategy=fsdp2", "dist.offload=true"])
+    on_gpu, streamed = plan_memory(cfg, 2048), plan_memory(offloaded, 2048, 4, 2**40, host_mem=2**40)
+    resident = ("weights (fp32 latent)", "gradients (fp32)", "optimizer state")
+    assert all(k not in streamed.components for k in resident)
+    assert [streamed.host[k] for k in resident] == [on_gpu.components[k] for k in resident]
+    assert streamed.host["whole-model copy for samples and evals"] == 2 * on_gpu.components["weights (fp32 latent)"]
+    assert streamed.fits and not on_gpu.host
+    # fp32 weights twice per micro-batch (forward, then backward), fp32 gradients back once
+    params = on_gpu.components["weights (fp32 latent)"] / 4
+    accum = cfg.train.grad_accum
+    assert streamed.link_bytes_per_step["to the GPU"] > accum * 2 * 4 * params
+    assert streamed.link_bytes_per_step["to the host"] > accum * 4 * params
+    assert not plan_memory(offloaded, 2048, 4, 2**40, host_mem=int(streamed.host_total) - 1).fits
 
 
 def test_8bit_adamw_is_planned_as_fp32_without_bitsandbytes():

@@ -49,7 +49,7 @@ class RMSNorm(nn.RMSNorm):
     """RMSNorm computed in fp32 whatever the autocast dtype, returned in the input's dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), self.normalized_shape, self.weight, self.eps).to(x.dtype)
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).to(x.dtype)
 
 
 def rms_norm(dim: int) -> RMSNorm:

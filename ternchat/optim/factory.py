@@ -19,7 +19,7 @@ from ternchat.config import ConfigError, OptimConfig
 from ternchat.optim.foam import FOAM
 from ternchat.optim.galore import GUM, GaLoreAdamW
 from ternchat.optim.muon import Muon
-from ternchat.train.distributed import OwnedMatrices, Ranks, full_state, shard_state
+from ternchat.train.distributed import OwnedMatrices, Ranks, full_state, is_sharded, shard_state
 
 
 class CombinedOptimizer:
@@ -106,7 +106,7 @@ def build_matrix_optimizer(layers: list[list[torch.Tensor]], cfg: OptimConfig) -
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, ranks: Ranks = Ranks()) -> CombinedOptimizer:
     """Block matrices -> Muon / GUM / GaLore-AdamW / FOAM / AdamW (each matrix stepped whole by one owner
-    rank in a distributed run); embedding, head, gains -> AdamW or FOAM."""
+    rank in a distributed or sharded run); embedding, head, gains -> AdamW or FOAM."""
     gains = []
     layers: dict[str, list[torch.Tensor]] = {}  # block index -> its matrices (GUM samples whole blocks)
     for name, p in model.named_parameters():
@@ -117,7 +117,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, ranks: Ranks = Ranks()) 
     embed_head = [dict(params=[model.embed.weight], lr=cfg.lr_embed, weight_decay=0.0),
                   dict(params=[model.lm_head.weight], lr=cfg.lr_head, weight_decay=0.0)]
     gains_group = [dict(params=gains, lr=cfg.lr_scalar, weight_decay=0.0)]
-    if ranks.distributed:
+    if ranks.distributed or is_sharded(model):
         matrix_opt = OwnedMatrices(list(layers.values()), lambda ls: build_matrix_optimizer(ls, cfg), ranks)
     else:
         matrix_opt = build_matrix_optimizer(list(layers.values()), cfg)

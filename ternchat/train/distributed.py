@@ -11,6 +11,13 @@ its share of every global batch (`TokenLoader` gives rank r the r-th `batch_size
   dim 0) and all-gathers one block's weights at a time; `dist.fsdp_param_dtype = "bf16"`
   gathers bf16 copies (half the traffic) and reduces gradients in fp32.
 
+`dist.offload` (with "fsdp2", also in one process without torchrun, which then gets a one-rank
+process group) passes FSDP2's `CPUOffloadPolicy`: the shards of the fp32 weights and their
+gradients live in pinned host memory, each block's are copied to the GPU for its forward and
+backward (prefetched on FSDP2's own streams) and the reduced gradients copied back. The matrix
+optimizers' state stays in host memory as well, and each block's matrices step on the GPU
+(`OwnedMatrices`): the GPU never holds more than a few blocks.
+
 The matrix optimizers (Muon, 8-bit Muon, GUM, FOAM, GaLore) need whole matrices: Newton-Schulz
 orthogonalizes a matrix, GaLore projects it. `OwnedMatrices` gives each matrix one owner rank
 (greedy by size, so the work is balanced), as nanochat's and Moonlight's distributed Muon do:
@@ -35,7 +42,7 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from ternchat.config import DistConfig
 
@@ -64,37 +71,51 @@ def launched_ranks() -> Ranks:
 
 
 def init_distributed(cfg: DistConfig, ranks: Ranks) -> torch.device:
-    """Join the process group of a torchrun job; returns this rank's device."""
+    """Join the process group of a torchrun job (or make a one-process group for `dist.offload`, which FSDP2
+    needs even alone); returns this rank's device."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", ranks.local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if not ranks.distributed:
-        return device
-    if cfg.strategy == "none":
+    if ranks.distributed and cfg.strategy == "none":
         raise ValueError(f"started with {ranks.world_size} processes but dist.strategy = 'none'; "
                          "set --set dist.strategy=ddp or fsdp2")
-    if not dist.is_initialized():
-        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+    if dist.is_initialized() or not (ranks.distributed or cfg.offload):
+        return device
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+    if cfg.offload and backend == "nccl":
+        backend = "cpu:gloo,cuda:nccl"  # the host-resident shards' collectives (checkpoints) run on gloo
+    if ranks.distributed:
         dist.init_process_group(backend, device_id=device if cuda else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return device
+
+
+def model_home(cfg: DistConfig, device: torch.device) -> torch.device:
+    """Where to build the model: on the host under `dist.offload` (FSDP2 moves one block at a time to the
+    device to shard it, then keeps the shards in host memory), otherwise on the device."""
+    return torch.device("cpu") if cfg.offload else device
 
 
 def parallelize(model: nn.Module, cfg: DistConfig, ranks: Ranks, device: torch.device) -> nn.Module:
     """Shard or replicate `model` across the job's ranks; returns the module to call for the forward."""
-    if not ranks.distributed:
+    if not (ranks.distributed or cfg.offload):
         return model
     if cfg.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.fsdp_param_dtype == "bf16" else None,
                                      reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cfg.offload else OffloadPolicy()
     for block in model.blocks:
-        fully_shard(block, mp_policy=precision, reshard_after_forward=cfg.reshard_after_forward)
-    fully_shard(model, mp_policy=precision, reshard_after_forward=cfg.reshard_after_forward)
+        fully_shard(block, mp_policy=precision, offload_policy=offload,
+                    reshard_after_forward=cfg.reshard_after_forward)
+    fully_shard(model, mp_policy=precision, offload_policy=offload,
+                reshard_after_forward=cfg.reshard_after_forward)
     return model
 
 
@@ -125,6 +146,8 @@ def _shard_rows(rows: int, world: int) -> int:
 def gather_to_owner(local: torch.Tensor, rows: int, owner: int) -> torch.Tensor | None:
     """The whole matrix on `owner` from every rank's dim-0 shard; None elsewhere."""
     world, rank = dist.get_world_size(), dist.get_rank()
+    if world == 1:
+        return local
     chunk = _shard_rows(rows, world)
     padded = local.new_zeros((chunk, *local.shape[1:]))
     padded[:local.shape[0]] = local
@@ -136,6 +159,10 @@ def gather_to_owner(local: torch.Tensor, rows: int, owner: int) -> torch.Tensor 
 def scatter_from_owner(whole: torch.Tensor | None, local: torch.Tensor, rows: int, owner: int) -> None:
     """Copy each rank's dim-0 shard of the owner's `rows`-row `whole` matrix into that rank's `local`."""
     world, rank = dist.get_world_size(), dist.get_rank()
+    if world == 1:
+        if whole.data_ptr() != local.data_ptr():
+            local.copy_(whole)
+        return
     chunk = _shard_rows(rows, world)
     received = local.new_empty((chunk, *local.shape[1:]))
     pieces = None
@@ -163,6 +190,12 @@ class OwnedMatrices:
     makes the inner optimizer from groups of tensors. The inner optimizer is built over stand-ins
     for every matrix, so its indices, seeds and draws are the single-process ones, but only the
     owner's stand-ins ever get a gradient, so only the owner creates state for a matrix.
+
+    Under FSDP2 a stand-in holds no data between steps: for its block's step it takes the gathered
+    matrix on the compute device (the FSDP2 mesh's), and gives it back after. Where the shards live
+    in host memory (`dist.offload`), the stand-in's optimizer state lives there too and travels to
+    the compute device for that step only, so Newton-Schulz and GaLore's projections run on the GPU,
+    matrix by matrix, while the GPU holds one block's matrices, gradients and state at a time.
     """
 
     def __init__(self, groups: list[list[nn.Parameter]], build: Callable[[list[list[torch.Tensor]]], torch.optim.Optimizer],
@@ -171,15 +204,20 @@ class OwnedMatrices:
         self.params = [p for g in groups for p in g]
         self.owner = dict(zip(self.params, balanced_owners([p.numel() for p in self.params], self.world)))
         self.sharded = any(isinstance(p, DTensor) for p in self.params)
-        if self.sharded:  # whole-matrix stand-ins whose storage exists only while the owner steps
-            self.whole = {p: self._empty_like_full(p) for p in self.params}
+        if self.sharded:
+            self.home = self.params[0].to_local().device  # where the shards and the optimizer state live
+            mesh_type = self.params[0].device_mesh.device_type
+            self.device = (torch.device(mesh_type, torch.get_device_module(mesh_type).current_device())
+                           if mesh_type != "cpu" else torch.device("cpu"))
+            self.empty = {p: self._no_data_like(p, self.home) for p in self.params}
+            self.whole = {p: self._no_data_like(p, self.home) for p in self.params}
         else:
             self.whole = {p: p for p in self.params}
         self.inner = build([[self.whole[p] for p in g] for g in groups])
 
     @staticmethod
-    def _empty_like_full(p: nn.Parameter) -> torch.Tensor:
-        t = torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device)
+    def _no_data_like(p: nn.Parameter, device: torch.device) -> torch.Tensor:
+        t = torch.empty(p.shape, dtype=p.dtype, device=device)
         t.untyped_storage().resize_(0)
         return t
 
@@ -201,6 +239,8 @@ class OwnedMatrices:
             return
         for group in self.groups:  # one block at a time bounds the whole matrices alive on a rank
             self._step_sharded(group)
+        if self.device.type == "cuda" and self.home.type == "cpu":
+            torch.cuda.synchronize(self.device)  # the state's copies back to host memory are complete
 
     def _step_replicated(self) -> None:
         for p in self.params:  # every rank holds the averaged gradient; only the owner steps
@@ -211,22 +251,29 @@ class OwnedMatrices:
         for h in handles:
             h.wait()
 
+    def _move_state(self, whole: torch.Tensor, device: torch.device) -> None:
+        state = self.inner.state.get(whole, {})
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.device != device:
+                state[key] = value.to(device, non_blocking=True)
+
     def _step_sharded(self, group: list[nn.Parameter]) -> None:
         for p in group:
             value = gather_to_owner(p.to_local(), p.shape[0], self.owner[p])
             grad = gather_to_owner(p.grad.to_local(), p.shape[0], self.owner[p]) if p.grad is not None else None
             if self.owned(p):
                 whole = self.whole[p]
-                whole.untyped_storage().resize_(value.numel() * value.element_size())
-                whole.copy_(value)
-                whole.grad = grad
+                whole.data = value.to(self.device, non_blocking=True)
+                whole.grad = grad.to(self.device, non_blocking=True) if grad is not None else None
+                self._move_state(whole, self.device)
         self.inner.step()
         for p in group:
             whole = self.whole[p] if self.owned(p) else None
             scatter_from_owner(whole, p.to_local(), p.shape[0], self.owner[p])
             if whole is not None:
+                self._move_state(whole, self.home)
                 whole.grad = None
-                whole.untyped_storage().resize_(0)
+                whole.data = self.empty[p]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -271,9 +318,14 @@ def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> N
     if not is_sharded(model):
         model.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        raise RuntimeError(f"the state does not match the model: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for name, target in own.items():
+            piece = own_shard(state[name], target) if isinstance(target, DTensor) else state[name]
+            (target.to_local() if isinstance(target, DTensor) else target).copy_(piece)
 
 
 # --- optimizer state of FSDP2's sharded parameters -------------------------------------------------
@@ -284,13 +336,26 @@ def full_state(state: dict) -> dict:
             "param_groups": state["param_groups"]}
 
 
+def own_shard(whole: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """This rank's dim-0 shard of `whole`, cut as FSDP2 cut `like` (torch.chunk), on `like`'s local device."""
+    rank, world = like.device_mesh.get_local_rank(), like.device_mesh.size()
+    pieces = torch.chunk(whole, world, dim=0)
+    piece = pieces[rank] if rank < len(pieces) else whole[:0]
+    local = like.to_local()
+    if piece.shape != local.shape:
+        raise ValueError(f"a {tuple(whole.shape)} tensor cannot fill this rank's {tuple(local.shape)} shard")
+    return piece.to(local.device)
+
+
 def shard_state(state: dict, params: Iterable[torch.Tensor]) -> dict:
-    """Cut the whole tensors of a saved optimizer state down to this rank's shards of `params`."""
+    """Cut the whole tensors of a saved optimizer state down to this rank's shards of `params` (kept where
+    the parameter's shard lives: on the device, or in host memory under offload)."""
     params = list(params)
     out = {}
     for i, s in state["state"].items():
         p = params[int(i)]
-        out[i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+        out[i] = {k: DTensor.from_local(own_shard(v, p).contiguous(), p.device_mesh, p.placements,
+                                        run_check=False, shape=p.shape, stride=p.stride())
                   if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape else v
                   for k, v in s.items()}
     return {"state": out, "param_groups": state["param_groups"]}

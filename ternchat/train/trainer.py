@@ -38,12 +38,12 @@ from ternchat.eval.bpb import evaluate_bpb
 from ternchat.eval.engine import complete
 from ternchat.model.bitlinear import to_inference
 from ternchat.model.gpt import GPT, GPTShape
-from ternchat.optim.factory import build_optimizer
+from ternchat.optim.factory import CombinedOptimizer, build_optimizer
 from ternchat.train.errors import RunError
 from ternchat.train.activation_checkpointing import apply_activation_checkpointing
 from ternchat.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ternchat.train.distributed import (barrier, full_model_state, init_distributed, launched_ranks,
-                                        mean_across_ranks, parallelize, shutdown_distributed)
+from ternchat.train.distributed import (Ranks, barrier, full_model_state, init_distributed, is_sharded, launched_ranks,
+                                        mean_across_ranks, model_home, parallelize, shutdown_distributed)
 from ternchat.train.metrics import MetricsLog
 from ternchat.train.schedule import RunLength, schedule
 
@@ -113,6 +113,17 @@ def write_samples(model: GPT, tok: Tokenizer, path: Path, max_tokens: int, seed:
     return samples
 
 
+def build_training(cfg: Config, shape: GPTShape, ranks: Ranks, device: torch.device
+                   ) -> tuple[GPT, torch.nn.Module, CombinedOptimizer]:
+    """The model (seeded), the module to call for its forward (sharded, replicated or itself, with
+    recompute as configured) and the optimizer, as a training run of `cfg` uses them."""
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(shape).to(model_home(cfg.dist, device))
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    parallel_model = parallelize(model, cfg.dist, ranks, device)
+    return model, parallel_model, build_optimizer(model, cfg.optim, ranks)
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, log=print):
         self.ranks = launched_ranks()
@@ -133,11 +144,7 @@ class Trainer:
             barrier()
         self.tok = data.tokenizer
         self.shape = GPTShape.from_config(cfg.model, self.tok.vocab_size)
-        torch.manual_seed(cfg.train.seed)
-        self.model = GPT(self.shape).to(self.device)
-        apply_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
-        self.parallel_model = parallelize(self.model, cfg.dist, self.ranks, self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.ranks)
+        self.model, self.parallel_model, self.optimizer = build_training(cfg, self.shape, self.ranks, self.device)
         counts = self.model.parameter_counts()
         kind = "ternary" if self.model.is_ternary() else "dense"
         log(f"model: {self.shape.depth} blocks x {self.shape.d_model}, {counts['total']:,} parameters: embedding "
@@ -224,19 +231,20 @@ class Trainer:
         Made once per step, so end-of-run samples and the Rust-problem eval share it."""
         if self._inference[0] != self.step:
             model = self.plain_model()
-            self._inference = (self.step, model and to_inference(model).eval())
+            self._inference = (self.step, model and to_inference(model).to(self.device).eval())
         return self._inference[1]
 
     def plain_model(self) -> GPT | None:
-        """A whole copy of the model without recompute or sharding; in a distributed run a collective that
-        gives the copy to rank 0 and None to the others."""
-        if not self.ranks.distributed:
+        """A whole copy of the model without recompute or sharding; for a sharded model a collective that
+        gives rank 0 the copy in host memory (the fp32 latent weights may not fit on its GPU) and None to
+        the others."""
+        if not is_sharded(self.model):
             model = copy.deepcopy(self.model)
         else:
             state = full_model_state(self.model)
             if not self.ranks.main:
                 return None
-            model = GPT(self.shape).to(self.device)
+            model = GPT(self.shape)
             model.load_state_dict(state)
         apply_activation_checkpointing(model, "none")
         return model
@@ -316,7 +324,8 @@ class Trainer:
                 bad_steps = 0
                 tok_s = tokens_per_step / max(step_seconds, 1e-9)
                 self.metrics.write(step=self.step, loss=loss, lr_scale=self.lr_scale, tokens=self.tokens_seen,
-                                   tok_s=tok_s, elapsed_s=self.elapsed)
+                                   tok_s=tok_s, elapsed_s=self.elapsed,
+                                   peak_memory_bytes=peak_memory_bytes(self.device))
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
                 if self._due(e.every_steps):
                     last_val = self.evaluate()

@@ -1,0 +1,130 @@
+"""`ternchat bench scale`: a config's real model trained for a few steps, against its plan.
+
+The model, recompute, sharding or offload and optimizer are the ones `ternchat train` builds for
+the config (`trainer.build_training`); the batches are random tokens, so no corpus has to be
+built for a 5B-parameter run. With `--memory-cap` the process may allocate only that much of the
+GPU (`torch.cuda.set_per_process_memory_fraction`), so a larger GPU stands in for the target card.
+It reports, after untimed warm-up steps (compilation, the optimizer state's creation):
+- tokens/s over the timed steps (every rank's tokens, synchronized at each step's end);
+- the model FLOP rate 6 x parameters x tokens/s (forward and backward of every weight, attention's
+  own FLOPs left out) and its share of the card's dense bf16 peak (MFU);
+- the CUDA allocator's peak (`torch.cuda.max_memory_allocated`) against the plan's peak without the
+  CUDA context and allocator slack, which the allocator's figure does not contain.
+Under torchrun every rank trains its share and rank 0 reports. On a CPU (`--cpu`) it runs as a
+check of the code path; its figures then say nothing about a GPU.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ternchat.config import Config
+from ternchat.model.gpt import GPTShape
+from ternchat.plan import plan_memory
+from ternchat.train.distributed import init_distributed, launched_ranks, mean_across_ranks, shutdown_distributed
+from ternchat.train.errors import RunError
+from ternchat.train.report import machine
+from ternchat.train.trainer import autocast_for, build_training, compile_if_possible, peak_memory_bytes
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity), by device name.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
+                    "H100 NVL": 835.0, "RTX 4090": 165.2, "RTX PRO 6000 Blackwell": 503.8, "A100": 312.0}
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in device_name), None)
+
+
+def bench_scale(cfg: Config, steps: int, warmup: int, memory_cap: int | None = None,
+                peak_tflops: float | None = None, allow_cpu: bool = False) -> dict:
+    ranks = launched_ranks()
+    device = init_distributed(cfg.dist, ranks)
+    if device.type != "cuda" and not allow_cpu:
+        raise RunError("bench scale measures a GPU and there is no CUDA device here; --cpu runs it on the CPU "
+                       "to check the code path")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine()
+    if memory_cap is not None and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        if memory_cap > total:
+            raise RunError(f"--memory-cap {memory_cap / 2**30:.1f} GiB is more than this GPU's "
+                           f"{total / 2**30:.1f} GiB")
+        torch.cuda.set_per_process_memory_fraction(memory_cap / total, device)
+    t = cfg.train
+    shape = GPTShape.from_config(cfg.model, cfg.tokenizer.vocab_size)
+    model, parallel_model, optimizer = build_training(cfg, shape, ranks, device)
+    forward = compile_if_possible(parallel_model, device, print) if t.compile else parallel_model
+    autocast = autocast_for(t.dtype, device)
+    generator = torch.Generator().manual_seed(t.seed + ranks.rank)
+    batches = [torch.randint(0, shape.vocab_size, (t.batch_size, shape.seq_len + 1), generator=generator)
+               for _ in range(t.grad_accum)]
+    batches = [b.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else b for b in batches]
+    optimizer.set_schedule(1.0)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    seconds, losses = [], []
+    for step in range(warmup + steps):
+        if step == warmup and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sync()
+        start = time.perf_counter()
+        total = torch.zeros((), device=device)
+        for batch in batches:
+            with autocast:
+                loss = forward(batch[:, :-1], batch[:, 1:]) / t.grad_accum
+            loss.backward()
+            total += loss.detach()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(mean_across_ranks(total).item())
+        sync()
+        if step >= warmup:
+            seconds.append(time.perf_counter() - start)
+        if ranks.main:
+            print(f"step {step + 1}/{warmup + steps}{' (warm-up)' if step < warmup else ''}: loss {losses[-1]:.4f}, "
+                  f"{time.perf_counter() - start:.2f} s", flush=True)
+    params = model.parameter_counts()["total"]
+    tokens_per_step = t.batch_size * t.grad_accum * shape.seq_len * ranks.world_size
+    tok_s = tokens_per_step * len(seconds) / sum(seconds)
+    plan = plan_memory(cfg, shape.vocab_size, t.batch_size, gpus=ranks.world_size, device=device.type)
+    planned_tensors = plan.total - sum(plan.components.get(k, 0.0) for k in ("CUDA context", "allocator slack (5%)"))
+    peak = peak_tflops or (bf16_peak_tflops(name) if device.type == "cuda" else None)
+    result = {"device": name, "cuda": device.type == "cuda", "world_size": ranks.world_size, "parameters": params,
+              "steps": steps, "warmup": warmup, "tokens_per_step": tokens_per_step, "seconds_per_step": sum(seconds) / len(seconds),
+              "tok_s": tok_s, "model_tflops": 6 * params * tok_s / 1e12, "peak_tflops": peak,
+              "mfu": 6 * params * tok_s / (peak * 1e12 * ranks.world_size) if peak else None,
+              "losses": losses, "peak_memory_bytes": peak_memory_bytes(device), "memory_cap_bytes": memory_cap,
+              "planned_tensor_bytes": planned_tensors, "planned_bytes": plan.total,
+              "activation_checkpointing": t.activation_checkpointing, "strategy": cfg.dist.strategy,
+              "offload": cfg.dist.offload, "compile": t.compile}
+    shutdown_distributed()
+    return result if ranks.main else {}
+
+
+def format_scale(r: dict) -> str:
+    gib = 2 ** 30
+    cap = f", memory capped at {r['memory_cap_bytes'] / gib:.1f} GiB" if r["memory_cap_bytes"] else ""
+    mfu = (f"{100 * r['mfu']:.1f}% of {r['peak_tflops']:,.0f} TFLOP/s dense bf16 per device" if r["mfu"] is not None
+           else "MFU: no peak known for this device (pass --peak-tflops)")
+    peak, planned = r["peak_memory_bytes"], r["planned_tensor_bytes"]
+    if r["cuda"]:
+        memory = (f"peak memory {peak / gib:,.2f} GiB against the plan's {planned / gib:,.2f} GiB of tensors "
+                  f"({100 * (planned - peak) / peak:+.1f}%; the plan's total with CUDA context and slack: "
+                  f"{r['planned_bytes'] / gib:,.2f} GiB)")
+    else:
+        memory = f"peak RSS {peak / gib:,.2f} GiB (a CPU process's RSS; not comparable with the plan)"
+    return "\n".join([
+        f"{r['device']} x {r['world_size']}{cap}: {r['parameters'] / 1e6:,.1f}M parameters, "
+        f"{r['tokens_per_step']:,} tokens per step, recompute {r['activation_checkpointing']}, "
+        f"strategy {r['strategy']}{', offload' if r['offload'] else ''}, compile {r['compile']}",
+        f"tok/s {r['tok_s']:,.0f} ({r['seconds_per_step']:.2f} s per step over {r['steps']} steps after "
+        f"{r['warmup']} warm-up)",
+        f"model FLOP rate 6 x params x tok/s: {r['model_tflops']:,.3f} TFLOP/s; {mfu}",
+        memory,
+        f"losses: {', '.join(f'{x:.4f}' for x in r['losses'])}"])

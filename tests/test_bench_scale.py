@@ -1,0 +1,39 @@
+"""`ternchat bench scale` on the CPU (`--cpu`): the trainer's model, recompute, offload and optimizer
+run end to end on random tokens; without a GPU and without --cpu it refuses with a clear message."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+TINY = ["model.depth=2", "model.d_model=64", "model.n_heads=2", "model.seq_len=64", "tokenizer.vocab_size=512",
+        "train.batch_size=2", "train.grad_accum=2", "train.compile=false", "train.activation_checkpointing=full",
+        "dist.fsdp_param_dtype=fp32"]
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ternchat", "bench", "scale", *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def losses(stdout: str) -> str:
+    return next(line for line in stdout.splitlines() if line.startswith("losses: "))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_refuses_without_a_gpu_unless_asked_for_the_cpu():
+    result = bench("--steps", "1")
+    assert result.returncode != 0 and "no CUDA device here; --cpu runs it on the CPU" in result.stderr
+
+
+def test_offloaded_run_reports_the_losses_of_the_plain_one(tmp_path):
+    sets = [a for o in TINY for a in ("--set", o)]
+    plain = bench("--cpu", "--steps", "2", "--warmup", "1", *sets)
+    offload = bench("--cpu", "--steps", "2", "--warmup", "1", *sets, "--set", "dist.strategy=fsdp2",
+                    "--set", "dist.offload=true", "--out", str(tmp_path / "scale.json"))
+    assert plain.returncode == 0 and offload.returncode == 0, plain.stderr + offload.stderr
+    assert "tok/s" in plain.stdout and "strategy fsdp2, offload" in offload.stdout
+    assert losses(plain.stdout) == losses(offload.stdout)
+    assert (tmp_path / "scale.json").exists()
