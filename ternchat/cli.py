@@ -16,6 +16,7 @@ from ternchat import __version__
 from ternchat.config import SECTIONS, Config, ConfigError, describe, load_config, parse_bytes
 from ternchat.data.errors import DataError
 from ternchat.train.errors import RunError
+from ternchat.verify.inputs import InputError
 from ternchat.verify.sandbox import SandboxUnavailable
 
 
@@ -232,30 +233,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_completions(path: Path) -> dict[str, list[str]]:
-    """JSONL of {"name", "completion"} rows (one per sample) or {"name", "completions": [...]} rows."""
-    completions: dict[str, list[str]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            texts = row["completions"] if "completions" in row else [row["completion"]]
-            completions.setdefault(row["name"], []).extend(texts)
-    return completions
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ternchat.verify.humaneval import load_problems, references, score
+    from ternchat.verify.inputs import read_completions
     from ternchat.verify.metrics import summarize, write_reports
     from ternchat.verify.sandbox import Limits, checked_isolation
 
+    problems = load_problems(args.problems)  # malformed files stop here, before anything runs
+    given = read_completions(args.completions, [p.name for p in problems]) if args.completions else None
     limits = Limits(allow_unisolated=args.allow_unisolated)
     iso = checked_isolation(limits)  # refuse before spending time on generation
-    problems = load_problems(args.problems)
     ks = [int(k) for k in args.k.split(",")]
-    if args.completions:
-        completions = _read_completions(args.completions)
+    if given is not None:
+        completions = given
         out = args.out or Path("eval") / args.completions.stem
     elif args.run is None:  # score the problems' own canonical solutions: does the dataset check out?
         completions = references(problems)
@@ -479,6 +471,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"ternchat: config error: {e}", file=sys.stderr)
+        return 2
+    except InputError as e:
+        print(f"ternchat: input error: {e}", file=sys.stderr)
         return 2
     except (DataError, RunError, SandboxUnavailable) as e:
         print(f"ternchat: error: {e}", file=sys.stderr)

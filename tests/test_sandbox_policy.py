@@ -87,3 +87,30 @@ def test_cli_eval_exits_non_zero_and_writes_nothing(no_bwrap, tmp_path):
     assert allowed.returncode == 0, allowed.stderr
     assert "WITHOUT namespace isolation" in allowed.stderr
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["pass@k"]["pass@1"] == 1.0
+
+
+def test_remove_tree_deletes_what_a_hostile_program_can_leave(tmp_path):
+    from ternchat.verify.sandbox import remove_tree
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("must survive")
+    root = tmp_path / "work"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(3000):  # deeper than Python's recursion limit, and longer than PATH_MAX as one path
+        os.mkdir("a", dir_fd=fd)
+        inner = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.close(fd)
+    for i in range(200):
+        (root / f"f{i}").write_bytes(b"x")
+    (root / "link").symlink_to(outside)
+    locked = root / "locked"
+    (locked / "sub").mkdir(parents=True)
+    (locked / "sub" / "file").write_text("x")
+    locked.chmod(0o000)
+    remove_tree(root)
+    assert not root.exists()
+    assert (outside / "keep.txt").read_text() == "must survive"

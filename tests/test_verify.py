@@ -12,6 +12,7 @@ import pytest
 
 from ternchat.verify.humaneval import (Problem, ProblemError, build_program, load_problems, references, score,
                                       stop_at_stop_tokens)
+from ternchat.verify.inputs import InputError
 from ternchat.verify.metrics import pass_at_k, summarize, write_reports
 from ternchat.verify.sandbox import Limits, Outcome, check_metadata, check_parse, isolation, run_many, run_rust
 
@@ -266,7 +267,7 @@ def test_test_module_rows_without_a_test_function_are_refused(tmp_path):
     row = {"task_id": "X/0", "prompt": "fn f() -> u32 {", "canonical_solution": "1 }", "entry_point": "f",
            "test": "\n#[cfg(test)]\nmod tests {\n    fn helper() {}\n}\n"}
     (tmp_path / "p.jsonl").write_text(json.dumps(row) + "\n")
-    with pytest.raises(ProblemError, match="no #\\[test\\] function"):
+    with pytest.raises(InputError, match="p.jsonl:1: problem X/0: its test has no #\\[test\\] function"):
         load_problems(tmp_path / "p.jsonl")
     with pytest.raises(ProblemError, match="canonical_solution"):  # nothing to score without --completions
         references([Problem("p", "fn f() {", "}", ("\n}",))])
@@ -280,3 +281,60 @@ def test_cli_scores_canonical_solutions_when_no_completions_are_given(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["problems"] == 9 and summary["pass@k"]["pass@1"] == pytest.approx(5 / 9)
     assert summary["outcomes"]["compile_error"] == 2
+
+
+@needs_sandbox
+def test_a_deep_folder_tree_left_by_a_program_is_cleaned_and_scored(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    deep = ('fn main() {\n    for _ in 0..3000 {\n        std::fs::create_dir("a").unwrap();\n'
+            '        std::env::set_current_dir("a").unwrap();\n    }\n    println!("done");\n}\n')
+    outcome = run_rust(deep)
+    assert outcome.outcome == "ok" and outcome.stdout == "done\n"
+    assert list(tmp_path.iterdir()) == []  # its sandbox folder is gone
+
+
+@needs_sandbox
+def test_a_completion_that_is_not_unicode_text_is_that_samples_failure():
+    problem = load_problems()[0]
+    results = score([problem], {problem.name: ["\ud800", problem.reference]}, cut=False)[problem.name]
+    assert results[0].outcome == "compile_error" and "not valid Unicode" in results[0].messages[0]
+    assert results[1].outcome == "ok"
+
+
+GOOD_PROBLEM = {"name": "p", "prompt": "fn f() -> u32 {", "tests": "\nfn main() { assert_eq!(f(), 1); }\n"}
+
+
+@pytest.mark.parametrize("problems, completions, message", [
+    ("", None, "p.jsonl: the file is empty; expected JSON Lines"),
+    ("{\"name\": \"p\",\n", None, "p.jsonl:1: invalid JSON"),
+    (json.dumps({**GOOD_PROBLEM, "tests": None}), None, "p.jsonl:1: missing field 'tests' (a string)"),
+    (json.dumps({k: v for k, v in GOOD_PROBLEM.items() if k != "tests"}), None, "missing field 'tests'"),
+    (json.dumps({**GOOD_PROBLEM, "prompt": 3}), None, "p.jsonl:1: field 'prompt' must be a string, got a number"),
+    (json.dumps({**GOOD_PROBLEM, "stop_tokens": "\n}"}), None, "field 'stop_tokens' must be a list of strings"),
+    (json.dumps({**GOOD_PROBLEM, "stop_tokens": [""]}), None, "'stop_tokens'[0] is an empty string"),
+    (json.dumps(GOOD_PROBLEM) + "\n" + json.dumps(GOOD_PROBLEM), None,
+     "p.jsonl:2: duplicate problem name 'p' (first at "),
+    (json.dumps([GOOD_PROBLEM, 7], indent=2), None, "p.jsonl[1]: expected a JSON object, got a number"),
+    (json.dumps(GOOD_PROBLEM), "", "c.jsonl: the file is empty"),
+    (json.dumps(GOOD_PROBLEM), json.dumps({"name": "q", "completion": "1 }"}), "c.jsonl:1: no problem named 'q'"),
+    (json.dumps(GOOD_PROBLEM), json.dumps({"name": "p", "completions": "1 }"}),
+     "c.jsonl:1: field 'completions' must be a list of strings, got a string"),
+    (json.dumps(GOOD_PROBLEM), json.dumps({"name": "p"}), "c.jsonl:1: missing field 'completion'"),
+    (json.dumps(GOOD_PROBLEM), json.dumps({"completion": "1 }"}), "c.jsonl:1: missing field 'name'"),
+])
+def test_malformed_input_files_stop_with_one_clear_line_and_status_2(tmp_path, problems, completions, message):
+    (tmp_path / "p.jsonl").write_text(problems)
+    args = [sys.executable, "-m", "ternchat", "eval", "humaneval-rust", "--problems", str(tmp_path / "p.jsonl"),
+            "--out", str(tmp_path / "out")]
+    if completions is not None:
+        (tmp_path / "c.jsonl").write_text(completions)
+        args += ["--completions", str(tmp_path / "c.jsonl")]
+    result = subprocess.run(args, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert message in result.stderr
+
+
+def test_a_byte_order_mark_and_a_pretty_printed_problem_are_accepted(tmp_path):
+    (tmp_path / "p.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD_PROBLEM, indent=2).encode())
+    assert [p.name for p in load_problems(tmp_path / "p.json")] == ["p"]

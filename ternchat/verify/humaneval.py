@@ -16,18 +16,21 @@ starts a test module or a `main` of its own); a canonical solution is scored as 
 
 Problems load from any local JSON/JSONL file in either layout, from the Hugging Face dataset
 `nuprl/MultiPL-E` (config `humaneval-rs`, with the `hf` extra), or from the small set shipped with
-ternchat (`ternchat/verify/problems/rust_basics.jsonl`, with reference solutions).
+ternchat (`ternchat/verify/problems/rust_basics.jsonl`, with reference solutions). Every row is
+validated as it loads (`verify/inputs.py`): names unique, fields of the right types, stop tokens
+a list of non-empty strings.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
 
 from ternchat.data.errors import DataError
+from ternchat.verify.inputs import (InputError, edition_field, read_json_rows, text_field, text_list_field,
+                                     unique_names)
 from ternchat.verify.sandbox import Limits, Outcome, Program, run_many
 
 SHIPPED = "rust_basics"
@@ -49,43 +52,47 @@ class Problem:
     edition: str = "2021"
 
 
-def _problem(row: dict) -> Problem:
+def _problem(row: dict, where: str) -> Problem:
     if "test" in row and "tests" not in row:
-        return _test_module_problem(row)
-    missing = [k for k in ("name", "prompt", "tests") if k not in row]
-    if missing:
-        raise ProblemError(f"problem {row.get('name', '?')} lacks {', '.join(missing)}")
-    return Problem(row["name"], row["prompt"], row["tests"], tuple(row.get("stop_tokens") or ["\n}"]),
-                   row.get("canonical_solution"), edition=str(row.get("edition", "2021")))
+        return _test_module_problem(row, where)
+    stop_tokens = text_list_field(row, where, "stop_tokens", non_empty_items=True)
+    return Problem(text_field(row, where, "name", non_empty=True), text_field(row, where, "prompt"),
+                   text_field(row, where, "tests", non_empty=True), tuple(stop_tokens or ["\n}"]),
+                   text_field(row, where, "canonical_solution", required=False), edition=edition_field(row, where))
 
 
-def _test_module_problem(row: dict) -> Problem:
-    name = row.get("task_id") or row.get("name")
-    missing = [k for k, v in (("task_id", name), ("prompt", row.get("prompt"))) if v is None]
-    if missing:
-        raise ProblemError(f"problem {name or '?'} lacks {', '.join(missing)}")
-    if "#[test]" not in row["test"]:
-        raise ProblemError(f"problem {name}: its test has no #[test] function, so `rustc --test` would pass it "
-                         "with nothing checked")
-    return Problem(name, row["prompt"], row["test"], tuple(row.get("stop_tokens") or TEST_MODULE_STOP_TOKENS),
-                   row.get("canonical_solution"), test_module=True, edition=str(row.get("edition", "2021")))
+def _test_module_problem(row: dict, where: str) -> Problem:
+    name = text_field(row, where, "task_id" if "task_id" in row else "name", non_empty=True)
+    test = text_field(row, where, "test", non_empty=True)
+    if "#[test]" not in test:
+        raise InputError(f"{where}: problem {name}: its test has no #[test] function, so `rustc --test` would pass "
+                         "it with nothing checked")
+    stop_tokens = text_list_field(row, where, "stop_tokens", non_empty_items=True)
+    return Problem(name, text_field(row, where, "prompt"), test, tuple(stop_tokens or TEST_MODULE_STOP_TOKENS),
+                   text_field(row, where, "canonical_solution", required=False), test_module=True,
+                   edition=edition_field(row, where))
+
+
+def _problems(rows: list[tuple[str, dict]]) -> list[Problem]:
+    problems = [(where, _problem(row, where)) for where, row in rows]
+    unique_names(((where, p.name) for where, p in problems), "problem")
+    return [p for _, p in problems]
 
 
 def load_problems(source: str | Path = SHIPPED) -> list[Problem]:
-    """Problems from `source`: 'rust_basics' (shipped), 'hf' (MultiPL-E on the Hub) or a JSON/JSONL path."""
+    """Problems from `source`: 'rust_basics' (shipped), 'hf' (MultiPL-E on the Hub) or a JSON/JSONL path;
+    a malformed file raises `InputError` saying where and what was expected."""
     if source == SHIPPED:
-        text = resources.files("ternchat.verify").joinpath("problems/rust_basics.jsonl").read_text(encoding="utf-8")
-        return [_problem(json.loads(line)) for line in text.splitlines() if line.strip()]
+        with resources.as_file(resources.files("ternchat.verify").joinpath("problems/rust_basics.jsonl")) as path:
+            return _problems(read_json_rows(path))
     if source == "hf":
         try:
             import datasets
         except ImportError:
             raise ProblemError("--problems hf needs the 'hf' extra: pip install 'ternchat[hf]'") from None
-        return [_problem(dict(row)) for row in datasets.load_dataset("nuprl/MultiPL-E", "humaneval-rs", split="test")]
-    path = Path(source)
-    text = path.read_text(encoding="utf-8")
-    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(r) for r in text.splitlines() if r.strip()]
-    return [_problem(row) for row in rows]
+        rows = datasets.load_dataset("nuprl/MultiPL-E", "humaneval-rs", split="test")
+        return _problems([(f"nuprl/MultiPL-E humaneval-rs[{i}]", dict(row)) for i, row in enumerate(rows)])
+    return _problems(read_json_rows(source))
 
 
 def stop_at_stop_tokens(completion: str, stop_tokens: Sequence[str]) -> str:

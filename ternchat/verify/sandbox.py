@@ -9,7 +9,9 @@ network, IPC and UTS namespaces that see only the toolchain (read-only) and the 
 no network, no host files (so neither `include_str!("/etc/shadow")` at compile time nor reading
 `~/.ssh` at run time finds anything), and every process dies with the sandbox. When ternchat runs
 as root, the program itself runs under an unprivileged uid (one per pool slot) so the process
-limit bites. `isolation()` reports which mechanisms are active. Every outcome gets one class.
+limit bites. `isolation()` reports which mechanisms are active. Every outcome gets one class, and
+no program can end an evaluation: any failure of one sample becomes its outcome, and its folder is
+removed iteratively (`remove_tree`) whatever it left there.
 
 The sandbox fails closed: where the namespaces cannot be had (bubblewrap missing, or user
 namespaces disabled) nothing is compiled or run and `SandboxUnavailable` names the fix, unless the
@@ -320,16 +322,70 @@ def _rustc(workdir: Path, args: Sequence[str], limits: Limits, env: dict[str, st
                    compile_seconds=seconds)
 
 
+def remove_tree(root: Path) -> None:
+    """Delete `root` and whatever a program left in it: iteratively (a 3000-deep chain of folders
+    would overflow a recursive walk), through one directory descriptor at a time (its paths may be
+    longer than PATH_MAX) and opening folders the program made unreadable. Never follows links."""
+    names: list[str] = []  # the path from `root` down to the folder being emptied
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        while True:
+            child = None
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        child = entry.name
+                        break
+                    os.unlink(entry.name, dir_fd=fd)
+            if child is not None:
+                try:
+                    os.chmod(child, 0o700, dir_fd=fd)  # a folder the program made unreadable
+                except PermissionError:
+                    pass
+                inner = os.open(child, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+                names.append(child)
+                continue
+            if not names:
+                break
+            parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            os.rmdir(names.pop(), dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(root)
+
+
+def _clean_up(workdir: Path) -> None:
+    try:
+        remove_tree(workdir)
+    except OSError as e:  # never the evaluation's end: say what is left behind
+        print(f"warning: could not remove the sandbox folder {workdir}: {e}", file=sys.stderr)
+
+
+def _write_source(path: Path, source: str) -> Outcome | None:
+    """Write `source` as UTF-8; an Outcome for text that cannot be (a lone surrogate), else None."""
+    try:
+        path.write_bytes(source.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        return Outcome("compile_error", "compile", messages=[
+            f"the source is not valid Unicode text: {e.reason} at character {e.start} ({source[e.start]!r})"])
+    return None
+
+
 def run_rust(source: str, *, limits: Limits = Limits(), edition: str = "2021", slot: int = 0,
              test_harness: bool = False) -> Outcome:
     """Compile `source` as a binary (with `test_harness`, as `rustc --test` does) and run it in the
-    sandbox; never raises for the program's sake (SandboxUnavailable when this machine cannot
-    isolate it and `limits` does not allow that)."""
+    sandbox; never raises for the program's sake: any failure of one sample becomes its outcome
+    (SandboxUnavailable when this machine cannot isolate it and `limits` does not allow that)."""
     iso = checked_isolation(limits)
     workdir = Path(tempfile.mkdtemp(prefix="ternchat-rust-"))
     uid = BASE_UID + slot
     try:
-        (workdir / "main.rs").write_text(source, encoding="utf-8")
+        if (unwritable := _write_source(workdir / "main.rs", source)) is not None:
+            return unwritable
         built = _rustc(workdir, ["--edition", edition, *(["--test"] if test_harness else []), "-C", "opt-level=0",
                                  "-C", "debuginfo=0", "-o", "prog", "main.rs"], limits)
         if built.outcome != "ok":
@@ -350,10 +406,12 @@ def run_rust(source: str, *, limits: Limits = Limits(), edition: str = "2021", s
         err_text = _decode(err)
         return Outcome(_classify_run(proc.returncode, err_text, verdict), "run", proc.returncode, _decode(out),
                        err_text, compile_seconds=built.compile_seconds, run_seconds=run_s)
-    except OSError as e:
+    except SandboxUnavailable:
+        raise
+    except Exception as e:  # the harness's own fault, kept to this sample
         return Outcome("sandbox_error", "compile", messages=[f"{type(e).__name__}: {e}"])
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        _clean_up(workdir)
 
 
 def run_many(programs: Sequence[str | Program], *, workers: int = 0, limits: Limits = Limits(),
@@ -387,10 +445,11 @@ def rustc_check(source: str, args: Sequence[str], *, env: dict[str, str] | None 
     """Run rustc with `args` on `source` (as `lib.rs`) in the sandbox without running anything."""
     workdir = Path(tempfile.mkdtemp(prefix="ternchat-check-"))
     try:
-        (workdir / "lib.rs").write_text(source, encoding="utf-8")
+        if (unwritable := _write_source(workdir / "lib.rs", source)) is not None:
+            return unwritable
         return _rustc(workdir, [*args, "lib.rs"], limits, env)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        _clean_up(workdir)
 
 
 def check_metadata(source: str, edition: str = "2021", limits: Limits = Limits()) -> Outcome:
