@@ -23,10 +23,11 @@ import torch
 from ternchat.config import Config
 from ternchat.model.gpt import GPTShape
 from ternchat.plan import plan_memory
-from ternchat.train.distributed import init_distributed, launched_ranks, mean_across_ranks, shutdown_distributed
+from ternchat.train.distributed import init_distributed, launched_ranks, shutdown_distributed
 from ternchat.train.errors import RunError
 from ternchat.train.report import machine
-from ternchat.train.trainer import autocast_for, build_training, compile_if_possible, peak_memory_bytes
+from ternchat.train.trainer import (autocast_for, build_training, compile_if_possible, optimizer_step,
+                                    peak_memory_bytes)
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity), by device name.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
@@ -72,17 +73,8 @@ def bench_scale(cfg: Config, steps: int, warmup: int, memory_cap: int | None = N
             torch.cuda.reset_peak_memory_stats(device)
         sync()
         start = time.perf_counter()
-        total = torch.zeros((), device=device)
-        for batch in batches:
-            with autocast:
-                loss = forward(batch[:, :-1], batch[:, 1:]) / t.grad_accum
-            loss.backward()
-            total += loss.detach()
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(mean_across_ranks(total).item())
+        losses.append(optimizer_step(forward, model, optimizer, ((b[:, :-1], b[:, 1:]) for b in batches),
+                                     t.grad_accum, autocast, cfg.optim.grad_clip, device))
         sync()
         if step >= warmup:
             seconds.append(time.perf_counter() - start)

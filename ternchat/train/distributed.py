@@ -203,13 +203,12 @@ class OwnedMatrices:
         self.groups, self.rank, self.world = groups, ranks.rank, ranks.world_size
         self.params = [p for g in groups for p in g]
         self.owner = dict(zip(self.params, balanced_owners([p.numel() for p in self.params], self.world)))
-        self.sharded = any(isinstance(p, DTensor) for p in self.params)
+        self.sharded = any_sharded(self.params)
         if self.sharded:
             self.home = self.params[0].to_local().device  # where the shards and the optimizer state live
             mesh_type = self.params[0].device_mesh.device_type
             self.device = (torch.device(mesh_type, torch.get_device_module(mesh_type).current_device())
                            if mesh_type != "cpu" else torch.device("cpu"))
-            self.empty = {p: self._no_data_like(p, self.home) for p in self.params}
             self.whole = {p: self._no_data_like(p, self.home) for p in self.params}
         else:
             self.whole = {p: p for p in self.params}
@@ -273,7 +272,7 @@ class OwnedMatrices:
             if whole is not None:
                 self._move_state(whole, self.home)
                 whole.grad = None
-                whole.data = self.empty[p]
+                whole.data = self._no_data_like(p, self.home)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -299,8 +298,12 @@ class OwnedMatrices:
 
 
 # --- whole tensors for checkpoints and evaluation copies --------------------------------------------
+def any_sharded(tensors: Iterable[torch.Tensor]) -> bool:
+    return any(isinstance(t, DTensor) for t in tensors)
+
+
 def is_sharded(model: nn.Module) -> bool:
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any_sharded(model.parameters())
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

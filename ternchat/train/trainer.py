@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 from tqdm import tqdm
@@ -124,6 +125,26 @@ def build_training(cfg: Config, shape: GPTShape, ranks: Ranks, device: torch.dev
     return model, parallel_model, build_optimizer(model, cfg.optim, ranks)
 
 
+def optimizer_step(forward: Callable, model: torch.nn.Module, optimizer: CombinedOptimizer,
+                   batches: Iterable[tuple[torch.Tensor, torch.Tensor]], grad_accum: int,
+                   autocast: contextlib.AbstractContextManager, grad_clip: float, device: torch.device) -> float:
+    """One optimizer step over `grad_accum` micro-batches of (inputs, targets); returns the mean loss over
+    the ranks. A non-finite loss skips the update on every rank alike."""
+    total = torch.zeros((), device=device)
+    for x, y in batches:
+        with autocast:
+            loss = forward(x, y) / grad_accum
+        loss.backward()
+        total += loss.detach()
+    loss_value = mean_across_ranks(total).item()
+    if math.isfinite(loss_value):
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+    optimizer.zero_grad()
+    return loss_value
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, log=print):
         self.ranks = launched_ranks()
@@ -203,23 +224,12 @@ class Trainer:
 
     # --- pieces of a step -------------------------------------------------------------------
     def _train_step(self) -> float:
-        t, o = self.cfg.train, self.cfg.optim
+        t = self.cfg.train
         self.lr_scale, wd_scale = schedule(self.step, self.length, t.warmup_steps, t.schedule)
         self.optimizer.set_schedule(self.lr_scale, wd_scale)
-        total = torch.zeros((), device=self.device)
-        for _ in range(t.grad_accum):
-            x, y = self.train_loader.next_batch()
-            with self.autocast:
-                loss = self.forward(x, y) / t.grad_accum
-            loss.backward()
-            total += loss.detach()
-        loss_value = mean_across_ranks(total).item()  # every rank then agrees on skipping a bad step
-        if math.isfinite(loss_value):
-            if o.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
-            self.optimizer.step()
-        self.optimizer.zero_grad()
-        return loss_value
+        batches = (self.train_loader.next_batch() for _ in range(t.grad_accum))
+        return optimizer_step(self.forward, self.model, self.optimizer, batches, t.grad_accum, self.autocast,
+                              self.cfg.optim.grad_clip, self.device)
 
     def evaluate(self) -> dict:
         loader = TokenLoader(self.val_paths, self.cfg.train.batch_size, self.cfg.model.seq_len, shuffle=False,
