@@ -1,9 +1,11 @@
 """`ternchat bench eval`: evaluations per second of the sandboxed HumanEval-Rust harness.
 
 Every problem gets a trivial completion (`todo!()`, which compiles and panics), and the harness
-compiles and runs all of them in its sandbox pool over the cores. The baseline, in the same run,
-is what MultiPL-E's Rust runner does: plain `rustc` then the binary, one program at a time, with
-no sandbox. Both report evaluations per second; the ratio is the sandboxed pool over the baseline.
+compiles and runs all of them as it scores them (`checked_program`: tests that cannot be shadowed,
+with the end-of-tests proof) in its sandbox pool over the cores. The baseline, in the same run,
+is what MultiPL-E's Rust runner does: plain `rustc` then the binary of MultiPL-E's own program
+layout, one program at a time, with no sandbox. Both report evaluations per second; the ratio is
+the sandboxed pool over the baseline.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ternchat.verify.humaneval import build_program, load_problems
+from ternchat.verify.humaneval import build_program, checked_program, load_problems
 from ternchat.verify.sandbox import Limits, checked_isolation, run_many
 
 TRIVIAL = "    todo!()"
@@ -35,16 +37,16 @@ def _plain_run(program: str, rustc: str) -> str:
 def bench_eval(problems_source: str, workers: int, baseline_problems: int, allow_unisolated: bool = False,
                log=print) -> dict:
     problems = load_problems(problems_source)
-    programs = [build_program(p, TRIVIAL) for p in problems]
+    programs = [checked_program(p, TRIVIAL) for p in problems]
     limits = Limits(allow_unisolated=allow_unisolated)
     iso = checked_isolation(limits)
     log(f"sandbox: {iso.describe()}")
     start = time.perf_counter()
     outcomes = run_many(programs, workers=workers, limits=limits)
     sandboxed_s = time.perf_counter() - start
-    subset = programs[:baseline_problems] if baseline_problems else programs
+    subset = problems[:baseline_problems] if baseline_problems else problems
     start = time.perf_counter()
-    plain = [_plain_run(p, iso.rustc) for p in subset]
+    plain = [_plain_run(build_program(p, TRIVIAL), iso.rustc) for p in subset]
     plain_s = time.perf_counter() - start
     counts: dict[str, int] = {}
     for o in outcomes:

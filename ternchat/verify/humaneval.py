@@ -14,6 +14,17 @@ passes when every test passes. A `test` without a `#[test]` function is refused,
 would pass with nothing checked. A model completion is cut at its stop tokens (default: where it
 starts a test module or a `main` of its own); a canonical solution is scored as it is.
 
+Every scored program must prove that its tests ran to their end (`checked_program`): the harness
+adds, after the tests, code that prints a line made at compile time from two files with random names
+(no completion can name them, and they are gone at run time), and the sandbox counts a pass only with
+exit status 0 and that line printed. So a completion that exits early (`std::process::exit(0)`, a raw
+`exit_group`, an `.init_array` constructor) fails. The tests are also put where a completion cannot
+change their meaning: their macros are called by full path (`::std::assert_eq!`), so a completion's
+`macro_rules! assert_eq` does not apply, and they see the standard prelude by an explicit glob import
+that clashes with (instead of yielding to) a completion's own `Option` or `Vec`. In the `main()` layout
+the tests become a module whose `run` the harness's `main` calls; in the test-module layout the test
+binary runs exactly the problem's tests (`--exact`), then the harness's own test, named to sort last.
+
 Problems load from any local JSON/JSONL file in either layout, from the Hugging Face dataset
 `nuprl/MultiPL-E` (config `humaneval-rs`, with the `hf` extra), or from the small set shipped with
 ternchat (`ternchat/verify/problems/rust_basics.jsonl`, with reference solutions). Every row is
@@ -23,6 +34,8 @@ a list of non-empty strings.
 
 from __future__ import annotations
 
+import re
+import secrets
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -31,7 +44,7 @@ from typing import Callable, Sequence
 from ternchat.data.errors import DataError
 from ternchat.verify.inputs import (InputError, edition_field, read_json_rows, text_field, text_list_field,
                                      unique_names)
-from ternchat.verify.sandbox import Limits, Outcome, Program, run_many
+from ternchat.verify.sandbox import EndOfTests, Limits, Outcome, Program, run_many
 
 SHIPPED = "rust_basics"
 TEST_MODULE_STOP_TOKENS = ("\n#[cfg(test)]", "\nfn main(")
@@ -111,6 +124,77 @@ def build_program(problem: Problem, completion: str, cut: bool = True) -> str:
     return problem.prompt + body + "\n" + problem.tests
 
 
+_STD_MACROS = ("assert", "assert_eq", "assert_ne", "debug_assert", "debug_assert_eq", "debug_assert_ne", "panic",
+               "unreachable", "todo", "unimplemented", "vec", "format", "print", "println", "eprint", "eprintln",
+               "write", "writeln", "matches", "dbg", "concat", "stringify", "include_str", "include_bytes")
+_UNQUALIFIED_MACRO = re.compile(r"(?<![\w:$])(" + "|".join(_STD_MACROS) + r")!")
+_TESTS_MAIN = re.compile(r"\bfn\s+main\s*\(\s*\)")
+_TEST_MODULE = re.compile(r"\bmod\s+(\w+)\s*\{")
+_TEST_FN = re.compile(r"#\[test\]\s*(?:#\[[^\]]*\]\s*)*(?:pub(?:\([^)]*\))?\s+)?fn\s+(\w+)")
+
+
+def _qualified_macros(tests: str) -> str:
+    """`assert_eq!(...)` -> `::std::assert_eq!(...)`: a completion's `macro_rules!` cannot stand in."""
+    return _UNQUALIFIED_MACRO.sub(r"::std::\1!", tests)
+
+
+def _prelude(edition: str) -> str:
+    return f"#[allow(unused_imports)]\n    use ::std::prelude::rust_{edition}::*;\n"
+
+
+def _proof(edition: str) -> tuple[EndOfTests, str]:
+    """A fresh proof and the Rust statements that print its line: the XOR of two random files' bytes,
+    read at compile time, in hex (by full paths and plain indexing, which no completion can redefine,
+    and without `format!`, whose generic code would add a fifth to every compile)."""
+    names = (f"t{secrets.token_hex(8)}", f"t{secrets.token_hex(8)}")
+    texts = (secrets.token_hex(16), secrets.token_hex(16))
+    line = "".join(f"{ord(x) ^ ord(y):02x}" for x, y in zip(*texts))
+    code = (f"let (a, b): (&[u8], &[u8]) = (::std::include_bytes!(\"{names[0]}\"), "
+            f"::std::include_bytes!(\"{names[1]}\"));\n"
+            f"    let mut line = [0u8; {2 * len(texts[0])}];\n"
+            f"    for i in 0..{len(texts[0])} {{\n"
+            "        let x = a[i] ^ b[i];\n"
+            "        line[2 * i] = b\"0123456789abcdef\"[(x >> 4) as usize];\n"
+            "        line[2 * i + 1] = b\"0123456789abcdef\"[(x & 15) as usize];\n"
+            "    }\n"
+            "    match ::std::str::from_utf8(&line) {\n"
+            "        ::std::result::Result::Ok(text) => ::std::println!(\"\\n{}\", text),\n"
+            "        ::std::result::Result::Err(_) => {}\n"
+            "    }\n")
+    return EndOfTests(tuple(zip(names, texts)), line), code
+
+
+def checked_program(problem: Problem, completion: str, cut: bool = True) -> Program:
+    """The program for one completion as it is scored: tests that cannot be shadowed and must run to
+    their end (module docstring). Tests in neither recognised shape run as `build_program` lays them
+    out, without the proof."""
+    body = stop_at_stop_tokens(completion, problem.stop_tokens) if cut else completion
+    head = problem.prompt + body + "\n"
+    proof, print_proof = _proof(problem.edition)
+    if problem.test_module:
+        module = _TEST_MODULE.search(problem.tests)
+        names = _TEST_FN.findall(problem.tests)
+        if module is None or not names:
+            return Program(build_program(problem, completion, cut), problem.edition, True)
+        tests = (problem.tests[:module.end()] + "\n    " + _prelude(problem.edition)
+                 + _qualified_macros(problem.tests[module.end():]))
+        last = "z" * (max(len(module.group(1)) + 2 + len(n) for n in names) + 1)  # libtest runs tests by name
+        source = f"{head}{tests}\n#[test]\nfn {last}() {{\n    {print_proof}}}\n"
+        run = [f"{module.group(1)}::{n}" for n in names] + [last]
+        proof = EndOfTests(proof.files, proof.line, f"test result: ok. {len(run)} passed; 0 failed")
+        return Program(source, problem.edition, True, ("--exact", "--nocapture", *run), proof)
+    opening = re.match(r"\s*\}", problem.tests)  # MultiPL-E's tests start by closing the prompt's function
+    rest = problem.tests[opening.end():] if opening else problem.tests
+    if _TESTS_MAIN.search(rest) is None:
+        return Program(build_program(problem, completion, cut), problem.edition)
+    module = f"ternchat_tests_{secrets.token_hex(4)}"
+    tests = _qualified_macros(_TESTS_MAIN.sub("pub(super) fn run()", rest, count=1))
+    source = (f"{head}{opening.group(0) if opening else ''}\n"
+              f"mod {module} {{\n    #[allow(unused_imports)]\n    use super::*;\n    {_prelude(problem.edition)}"
+              f"{tests}\n}}\n\nfn main() {{\n    {module}::run();\n    {print_proof}}}\n")
+    return Program(source, problem.edition, proof=proof)
+
+
 def references(problems: Sequence[Problem]) -> dict[str, list[str]]:
     """The canonical solution of every problem, as completions; every problem must have one."""
     missing = [p.name for p in problems if p.reference is None]
@@ -129,8 +213,7 @@ def score(problems: Sequence[Problem], completions: dict[str, list[str]], *, wor
     unknown = sorted(set(completions) - set(by_name))
     if unknown:
         raise ProblemError(f"completions for unknown problems: {', '.join(unknown[:5])}")
-    jobs = [(name, Program(build_program(by_name[name], c, cut), by_name[name].edition, by_name[name].test_module))
-            for name, cs in completions.items() for c in cs]
+    jobs = [(name, checked_program(by_name[name], c, cut)) for name, cs in completions.items() for c in cs]
     outcomes = run_many([program for _, program in jobs], workers=workers, limits=limits, progress=progress)
     results: dict[str, list[Outcome]] = {name: [] for name in completions}
     for (name, _), outcome in zip(jobs, outcomes):
