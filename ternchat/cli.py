@@ -120,15 +120,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import codecs
     import time
 
-    from ternchat.eval.engine import generate
+    from ternchat.eval.engine import SpeculationStats, generate
     from ternchat.runs import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(args.run)
+    if args.speculative and model.mtp is None:
+        print(f"error: --speculative needs a model trained with multi-token prediction ([mtp]); {args.run} has none",
+              file=sys.stderr)
+        return 2
+    stats = SpeculationStats()
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     text, count, start = "", 0, time.perf_counter()
     sys.stdout.write(args.prompt)
     for token in generate(model, tok.encode(args.prompt), args.max_tokens, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=[tok.eod_id]):
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=[tok.eod_id],
+                          speculative=args.speculative, stats=stats):
         count += 1
         piece = decoder.decode(tok.decode_bytes([token]))
         text += piece
@@ -140,7 +146,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if hit is not None:
             break
     seconds = time.perf_counter() - start
-    print(f"\n[{count} tokens in {seconds:.2f}s, {count / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    speculation = ""
+    if args.speculative:
+        speculation = (f", {stats.steps} verify steps, draft acceptance by depth "
+                       f"{', '.join(f'{a:.0%}' for a in stats.acceptance())}")
+    print(f"\n[{count} tokens in {seconds:.2f}s, {count / max(seconds, 1e-9):.1f} tokens/s{speculation}]",
+          file=sys.stderr)
     return 0
 
 
@@ -190,6 +201,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ConfigError("bench sweep needs at least one --grid section.key=value1,value2,...")
         report = bench_sweep(args.config, args.overrides, parse_grid(args.grid), args.optim_steps)
         print(format_sweep(report))
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+        return 0
+    if args.what == "mtp":
+        from ternchat.bench.mtp_bench import bench_mtp, format_mtp
+
+        report = bench_mtp(args.config, args.overrides, args.optim_steps, args.decode_tokens)
+        print(format_mtp(report))
         if args.out:
             args.out.write_text(json.dumps(report, indent=1) + "\n")
         return 0
@@ -371,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--speculative", action="store_true",
+                   help="self-speculative decoding: the model's MTP heads or modules draft, the main head verifies "
+                        "(greedy output identical to plain decoding; samples from the same distribution)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("export", help="export a run's model with packed ternary weights",
@@ -393,13 +415,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "near-duplicate sketches, rensa against datasketch (if installed). bench dist: "
                                    "one process against two torchrun ranks (DDP, FSDP2) on the same global batch. "
                                    "bench scale: a config's real model for a few steps on a GPU (optionally "
-                                   "capped to a smaller card): tok/s, MFU and peak memory against the plan.")
-    p.add_argument("what", choices=["train", "eval", "optim", "sweep", "dedup", "dist", "scale"],
+                                   "capped to a smaller card): tok/s, MFU and peak memory against the plan. "
+                                   "bench mtp: the model without MTP, with heads and with modules (val bpb), and "
+                                   "speculative against plain decoding from the MTP models.")
+    p.add_argument("what", choices=["train", "eval", "optim", "sweep", "dedup", "dist", "scale", "mtp"],
                    help="train: training throughput and memory; eval: sandboxed compile+run evaluations per second; "
                         "optim: the memory-efficient optimizers against Muon and AdamW; sweep: validation loss "
                         "over a grid of config values; dedup: rensa's MinHash against datasketch's on the corpus; "
-                        "dist: tokens/s of 1 process vs 2 ranks; scale: a preset's model on a GPU against its plan")
-    p.add_argument("--optim-steps", type=int, default=100, help="optim, sweep, dist: training steps per run")
+                        "dist: tokens/s of 1 process vs 2 ranks; scale: a preset's model on a GPU against its plan; "
+                        "mtp: multi-token prediction's val bpb and speculative decoding")
+    p.add_argument("--optim-steps", type=int, default=100, help="optim, sweep, dist, mtp: training steps per run")
+    p.add_argument("--decode-tokens", type=int, default=128, help="mtp: tokens decoded per sample prompt")
     p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
                    help="sweep: values to try for one key (repeatable; the runs cover every combination)")
     p.add_argument("--out-dir", type=Path, default=Path("bench_optim"), help="optim: folder for JSON and PNG")

@@ -79,6 +79,20 @@ class ModelConfig:
 
 
 @dataclass
+class MTPConfig:
+    """[mtp] multi-token prediction (model/mtp.py): extra output blocks that predict tokens beyond the
+    next one in training and draft them for self-speculative decoding."""
+
+    kind: str = _field("none", choices=("none", "heads", "modules"),
+                       doc="heads: Gloeckle et al.'s independent heads; modules: DeepSeek-V3's sequential modules")
+    n_future: int = _field(3, min=1, max=8, doc="tokens predicted beyond the next one (heads or module depth)")
+    weights: list[float] = _field([1.0, 0.5, 0.25, 0.125], doc="heads: loss weight of the next-token head, then "
+                                  "of each extra head (n_future + 1 values)")
+    module_weight: float = _field(0.3, min=0.0, doc="modules: lambda; the loss adds (lambda / n_future) x the sum "
+                                  "of the modules' cross-entropies (DeepSeek-V3: 0.3, later 0.1)")
+
+
+@dataclass
 class OptimConfig:
     """[optim]: optimizer of the 2-D block matrices and of everything else."""
 
@@ -189,6 +203,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -298,6 +313,12 @@ def _validate(cfg: Config) -> None:
     if cfg.dist.offload and cfg.dist.strategy != "fsdp2":
         raise ConfigError(f"dist.offload needs dist.strategy = 'fsdp2' (it is {cfg.dist.strategy!r}): FSDP2 does "
                           "the streaming, also in a single process")
+    if cfg.mtp.kind == "heads" and len(cfg.mtp.weights) != cfg.mtp.n_future + 1:
+        raise ConfigError(f"mtp.weights has {len(cfg.mtp.weights)} values; mtp.kind = 'heads' needs mtp.n_future + 1 "
+                          f"= {cfg.mtp.n_future + 1} (the next-token head's weight, then each extra head's)")
+    if cfg.mtp.kind == "heads" and cfg.dist.strategy == "fsdp2":
+        raise ConfigError("mtp.kind = 'heads' runs each head's backward inside the forward, which FSDP2's sharded "
+                          "parameters do not support yet; use dist.strategy = 'ddp' or mtp.kind = 'modules'")
     if cfg.data.min_file_bytes >= cfg.data.max_file_bytes:
         raise ConfigError("data.min_file_bytes must be smaller than data.max_file_bytes")
 

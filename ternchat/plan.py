@@ -64,6 +64,23 @@ def block_matrices(s: GPTShape) -> list[tuple[int, int]]:
     return per_block * s.depth
 
 
+def mtp_matrices(s: GPTShape) -> list[tuple[int, int]]:
+    """The matrices of multi-token prediction: a block per extra head, or per module plus its 2d -> d projection."""
+    if s.mtp_kind == "none":
+        return []
+    per_block = [(s.d_model, s.d_model)] * 4 + [(s.d_ff, s.d_model), (s.d_model, s.d_ff)]
+    projection = [(s.d_model, 2 * s.d_model)] if s.mtp_kind == "modules" else []
+    return (per_block + projection) * s.mtp_n_future
+
+
+def mtp_gains(s: GPTShape) -> int:
+    """Norm gains of multi-token prediction: each block's, and each head's or module's own norms."""
+    if s.mtp_kind == "none":
+        return 0
+    block = 2 * s.d_model + 2 * s.head_dim + s.d_model + s.d_ff
+    return s.mtp_n_future * (block + (3 if s.mtp_kind == "modules" else 1) * s.d_model)
+
+
 def adamw_8bit_available() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
@@ -102,7 +119,7 @@ def newton_schulz_workspace_of(count: int, rows: int, cols: int, o: OptimConfig)
 
 def newton_schulz_workspace(s: GPTShape, o: OptimConfig) -> float:
     """Peak bytes of the optimizer step's temporaries for the block matrices."""
-    shapes = Counter(block_matrices(s))
+    shapes = Counter(block_matrices(s) + mtp_matrices(s))
     if o.matrix_optimizer != "muon":  # element-wise updates: a few fp32 temporaries of one matrix
         return 3 * 4.0 * max(r * c for r, c in shapes)
     if o.use_galore:  # GUM orthogonalizes one matrix at a time; the full-rank branch is the largest
@@ -159,12 +176,13 @@ class Plan:
 
 def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gpu_mem: int | None = None,
                 gpus: int = 1, device: str = "cuda", host_mem: int | None = None) -> Plan:
-    s = GPTShape.from_config(cfg.model, vocab_size)
+    s = GPTShape.from_config(cfg.model, vocab_size, cfg.mtp)
     o = cfg.optim
-    matrices = block_matrices(s)
+    trunk = block_matrices(s)
+    matrices = trunk + mtp_matrices(s)
     matrix_params = sum(r * c for r, c in matrices)
     embed_head = 2 * s.vocab_size * s.d_model
-    gains = s.depth * (2 * s.d_model + 2 * s.head_dim + s.d_model + s.d_ff) + s.d_model
+    gains = s.depth * (2 * s.d_model + 2 * s.head_dim + s.d_model + s.d_ff) + s.d_model + mtp_gains(s)
     params = matrix_params + embed_head + gains
     notes = []
     eight_bit_adamw = o.adamw_8bit and not o.foam_embed_head
@@ -185,10 +203,10 @@ def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gp
     matrix_state = sum(matrix_state_bytes(r, c, o, gum_full_rank_share(r, c, o, s.depth)) for r, c in matrices)
     optimizer = matrix_state / owners + (other_state + 8 * gains) / shards
     optimizer_workspace = newton_schulz_workspace(s, o)
-    block_values = matrix_params // s.depth
+    block_values = sum(r * c for r, c in trunk) // s.depth
     gather = 2 if cfg.dist.fsdp_param_dtype == "bf16" else 4
     if offload:  # the step streams one block's matrices, gradients and state (a full-rank GUM block's) through
-        block_state = sum(matrix_state_bytes(r, c, o, 1.0) for r, c in block_matrices(s)[:len(matrices) // s.depth])
+        block_state = sum(matrix_state_bytes(r, c, o, 1.0) for r, c in trunk[:len(trunk) // s.depth])
         optimizer_workspace += 8.0 * block_values + block_state
     recompute = cfg.train.activation_checkpointing
     # The bf16 copy of each matrix that the forward saves for backward (autocast's cast, or the gathered
@@ -204,7 +222,14 @@ def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gp
             saved = tokens * (s.depth * selective_bytes_per_token(s) + per_block)
         else:
             saved = tokens * s.depth * per_block
-        activations = saved + tokens * (10 * s.d_model + 4 * s.vocab_size) + weight_copies
+        # MTP: each extra block keeps its activations (no recompute); heads free their logits one at a
+        # time (their sequential backward), modules keep theirs until the backward
+        saved += tokens * s.mtp_n_future * per_block
+        kept_logits = 1 + (s.mtp_n_future if s.mtp_kind == "modules" else 0)
+        activations = saved + tokens * (10 * s.d_model + 4 * s.vocab_size * kept_logits) + weight_copies
+        if s.mtp_kind == "heads":  # the gradients the heads' sequential backward holds until the trunk's
+            activations += 4.0 * (sum(r * c for r, c in mtp_matrices(s)) + mtp_gains(s) + embed_head / 2
+                                  + s.d_model)
         parts = {"weights (fp32 latent)": 4.0 * params / shards, "gradients (fp32)": 4.0 * params / shards,
                  "optimizer state": float(optimizer), "activations": float(activations),
                  "logits gradient": 8.0 * s.vocab_size * tokens, STEP_PHASE: float(optimizer_workspace)}
@@ -309,7 +334,7 @@ def measure_cpu(cfg: Config, vocab_size: int, micro_batch: int) -> dict[str, int
 
     before = proc_status_bytes("VmRSS") or 0
     torch.manual_seed(0)
-    model = GPT(GPTShape.from_config(cfg.model, vocab_size))
+    model = GPT(GPTShape.from_config(cfg.model, vocab_size, cfg.mtp))
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     optimizer = build_optimizer(model, cfg.optim)
     autocast = autocast_for(cfg.train.dtype, torch.device("cpu"))

@@ -52,6 +52,19 @@ def test_plan_is_a_close_upper_bound_of_the_measured_tensor_peak():
     assert measured <= plan.total < 1.2 * measured, (plan.total, measured)
 
 
+@pytest.mark.parametrize("kind", ["heads", "modules"])
+def test_plan_counts_the_mtp_blocks(kind):
+    weights = ["mtp.weights=[1.0, 0.5, 0.25]"] if kind == "heads" else []
+    cfg = load_config(overrides=[*SMALL, f'mtp.kind="{kind}"', "mtp.n_future=2", *weights])
+    model = GPT(GPTShape.from_config(cfg.model, 2048, cfg.mtp))
+    plan = plan_memory(cfg, 2048, device="cpu")
+    assert plan.components["weights (fp32 latent)"] == 4 * sum(p.numel() for p in model.parameters())
+    assert plan.total > plan_memory(load_config(overrides=SMALL), 2048, device="cpu").total
+    measured = measure_cpu(cfg, 2048, cfg.train.batch_size)["tensor_peak"]
+    # an upper bound; with heads a looser one (their logits and gradient buffers never peak together)
+    assert measured <= plan.total < (1.35 if kind == "heads" else 1.2) * measured, (plan.total, measured)
+
+
 def test_optimizer_state_per_method():
     o = load_config().optim
     assert matrix_state_bytes(1024, 4096, o) == 4 * 1024 * 4096  # Muon momentum, fp32

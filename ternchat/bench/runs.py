@@ -25,15 +25,22 @@ BENCH_OVERRIDES = ["train.time_limit_min=0", "eval.every_steps=0", "eval.rust_pr
                    "train.checkpoint_every=0"]
 
 
-def measure(config: str | None, overrides: list[str], steps: int) -> dict:
-    """Train `steps` steps in this process; return what was measured."""
-    from ternchat.train.trainer import Trainer
+def measure(config: str | None, overrides: list[str], steps: int, decode_tokens: int = 0) -> dict:
+    """Train `steps` steps in this process; return what was measured (with `decode_tokens`, also plain
+    against speculative decoding of the sample prompts by the trained model, bench/mtp_bench.py)."""
+    from ternchat.train.trainer import SAMPLE_PROMPTS, Trainer
 
     cfg = load_config(config, [*overrides, *BENCH_OVERRIDES, f"train.max_steps={steps}"])
+    decoding = None
     with tempfile.TemporaryDirectory(prefix="ternchat-bench-") as tmp:
         trainer = Trainer(cfg, Path(tmp) / "run", log=lambda _: None)
         result = trainer.run()
         losses = [(r["step"], r["loss"]) for r in trainer.metrics.read() if isinstance(r.get("loss"), float)]
+        if decode_tokens:
+            from ternchat.bench.mtp_bench import measure_decoding
+
+            prompts = [trainer.tok.encode(p) for p in SAMPLE_PROMPTS]
+            decoding = measure_decoding(trainer.inference_model(), prompts, decode_tokens)
     matrix_opt = trainer.optimizer.optimizers[0]
     matrix_params = sum(p.numel() for g in matrix_opt.param_groups for p in g["params"])
     matrix_state = sum(t.numel() * t.element_size() for s in matrix_opt.state.values() for t in s.values()
@@ -41,13 +48,16 @@ def measure(config: str | None, overrides: list[str], steps: int) -> dict:
     all_params = sum(p.numel() for p in trainer.model.parameters())
     return {"val_loss": result["val_loss"], "val_bpb": result["val_bpb"], "tok_s": result["tok_s"],
             "peak_rss_bytes": result["peak_memory_bytes"], "matrix_state_bytes_per_param": matrix_state / matrix_params,
-            "state_bytes_per_param": trainer.optimizer.state_bytes() / all_params, "losses": losses}
+            "state_bytes_per_param": trainer.optimizer.state_bytes() / all_params, "losses": losses,
+            "params": all_params, **({"decoding": decoding} if decoding else {})}
 
 
-def measure_in_subprocess(config: str | None, overrides: list[str], steps: int, ranks: int = 1) -> dict:
+def measure_in_subprocess(config: str | None, overrides: list[str], steps: int, ranks: int = 1,
+                          decode_tokens: int = 0) -> dict:
     """`measure` in a fresh process, or in `ranks` > 1 processes started by torchrun (rank 0 reports)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-    args = [*(launcher if ranks > 1 else [sys.executable]), "-m", "ternchat.bench.runs", "--steps", str(steps)]
+    args = [*(launcher if ranks > 1 else [sys.executable]), "-m", "ternchat.bench.runs", "--steps", str(steps),
+            "--decode-tokens", str(decode_tokens)]
     args += (["--config", config] if config else []) + [a for o in overrides for a in ("--set", o)]
     done = subprocess.run(args, capture_output=True, text=True)
     if done.returncode != 0:
@@ -60,8 +70,9 @@ def _main() -> None:
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--config")
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--decode-tokens", type=int, default=0)
     args = p.parse_args()
-    result = measure(args.config, args.overrides, args.steps)
+    result = measure(args.config, args.overrides, args.steps, args.decode_tokens)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(result))
 

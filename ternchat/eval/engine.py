@@ -1,11 +1,23 @@
-"""Text generation with a KV cache: temperature, top-k, top-p (nucleus) sampling, stop tokens.
+"""Text generation with a KV cache: temperature, top-k, top-p (nucleus) sampling, stop tokens, and
+self-speculative decoding for models with multi-token prediction.
 
 The prompt is run once to fill the cache; each new token then costs one single-position forward
 pass. Sampling draws from a seeded `torch.Generator`, so a seeded call is reproducible.
+
+Self-speculative decoding (`speculative=True`, a model trained with `[mtp]`): the token after the
+last one fed is chosen from the main head as usual; the MTP heads or modules draft the `n_future`
+tokens after it; one forward of the main model over the chosen token and the drafts verifies them,
+and the KV cache is rolled back past the first rejected one. Greedy: a draft is accepted while it
+equals the main model's argmax, then the main model's own token follows, so the output is exactly
+plain greedy decoding's. Sampling (Leviathan et al. 2023 / Chen et al. 2023): draft x drawn from the
+draft distribution q is accepted with probability min(1, p(x)/q(x)), else the token is drawn from
+norm(max(0, p - q)) and drafting restarts there; p and q get the same temperature, top-k and top-p,
+so the output is distributed as plain sampling's. Each step emits at least one token.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -13,13 +25,9 @@ import torch
 from ternchat.model.gpt import GPT, KVCache
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                 generator: torch.Generator | None) -> int:
-    """Draw one token id from the last-position logits (vocab,)."""
-    logits = logits.float()
-    if temperature <= 0:
-        return int(logits.argmax())
-    logits = logits / temperature
+def token_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The distribution sampling draws from (vocab,): temperature, then top-k, then top-p."""
+    logits = logits.float() / temperature
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -30,17 +38,54 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
         sorted_probs[outside] = 0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         probs /= probs.sum()
+    return probs
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                 generator: torch.Generator | None) -> int:
+    """Draw one token id from the last-position logits (vocab,)."""
+    if temperature <= 0:
+        return int(logits.float().argmax())
+    return _draw(token_probs(logits, temperature, top_k, top_p), generator)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+@dataclass
+class SpeculationStats:
+    """What self-speculative decoding did: verify steps, drafts offered and accepted per depth."""
+
+    steps: int = 0
+    tokens: int = 0
+    offered: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+
+    def acceptance(self) -> list[float]:
+        return [a / o if o else 0.0 for a, o in zip(self.accepted, self.offered)]
+
+
+def _device(model: GPT) -> torch.device:
+    return next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
 
 
 @torch.no_grad()
 def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 0.8, top_k: int = 50,
-             top_p: float = 0.95, seed: int | None = None, stop_ids: Sequence[int] = ()) -> Iterator[int]:
-    """Yield new token ids one at a time until `max_new_tokens`, a stop id or the context end."""
+             top_p: float = 0.95, seed: int | None = None, stop_ids: Sequence[int] = (), speculative: bool = False,
+             stats: SpeculationStats | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time until `max_new_tokens`, a stop id or the context end; with
+    `speculative`, drafted by the model's MTP heads or modules and verified (module docstring)."""
     if not prompt:
         raise ValueError("the prompt must have at least one token")
+    if speculative:
+        if getattr(model, "mtp", None) is None:
+            raise ValueError("speculative decoding needs a model trained with multi-token prediction ([mtp])")
+        yield from _speculative(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
+                                stats if stats is not None else SpeculationStats())
+        return
     model.eval()
-    device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
+    device = _device(model)
     seq_len = model.shape.seq_len
     prompt = list(prompt)[-(seq_len - 1):]
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -56,13 +101,141 @@ def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temperat
         logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1]
 
 
+class _Drafter:
+    """The MTP blocks' view of the sequence: each block keeps a KV cache (depth 1) and the states it
+    made, so a draft costs one position per block. A head's input is the trunk's state only, so it
+    stays in step with the main cache; a module's input at position i also needs the token at i + k,
+    so its cache holds only positions whose inputs are settled and the rest is recomputed."""
+
+    def __init__(self, model: GPT, max_len: int, device: torch.device):
+        self.model, self.mtp, self.kind = model, model.mtp, model.shape.mtp_kind
+        depth = self.mtp.n_future
+        one = replace(model.shape, depth=1)
+        self.caches = [KVCache(one, 1, max_len, device, torch.float32) for _ in range(depth)]
+        # states[0]: the trunk's; states[k]: head k's or module k's output, by position
+        self.states = torch.zeros(depth + 1, max_len, model.shape.d_model, device=device)
+
+    def observe(self, trunk: torch.Tensor, start: int) -> None:
+        """The trunk's states of positions start.. (1, T, d) from a main forward."""
+        T = trunk.shape[1]
+        self.states[0, start:start + T] = trunk[0]
+        if self.kind == "heads":  # heads depend on the trunk only: run them on the new positions now
+            cos, sin = self.model.rope(start, T)
+            for j, cache in enumerate(self.caches, start=1):
+                cache.pos = start
+                self.states[j, start:start + T] = self.mtp.hidden(j, trunk, cos, sin, cache)[0]
+                cache.pos = start + T
+
+    def rollback(self, length: int) -> None:
+        for cache in self.caches:
+            cache.pos = min(cache.pos, length)
+
+    def draft(self, tokens: list[int], last: int, pick) -> list[tuple[int, torch.Tensor | None]]:
+        """Drafts after `tokens[last + 1]` (chosen, not yet fed): (token, its draft distribution or None when
+        greedy) per depth. `tokens` holds every token to `last + 1`; drafts are appended to a copy."""
+        lm_head, drafts, seq = self.model.lm_head, [], list(tokens[:last + 2])
+        for k, cache in enumerate(self.caches, start=1):
+            if self.kind == "modules":  # catch module k up to `last`, from the states of module k - 1
+                start = cache.pos
+                positions = torch.arange(start, last + 1)
+                embedded = self.model.embed(torch.tensor([seq[start + k:last + 1 + k]], device=self.states.device))
+                cos, sin = self.model.rope(start, len(positions))
+                h = self.mtp.hidden(k, self.states[k - 1, start:last + 1][None], embedded, cos, sin, cache)
+                cache.pos = last + 1
+                self.states[k, start:last + 1] = h[0]
+                cache.pos = min(cache.pos, last + 2 - k)  # positions whose token i + k is settled
+            token, probs = pick(self.mtp.logits(k, self.states[k, last], lm_head))
+            drafts.append((token, probs))
+            seq.append(token)
+        return drafts
+
+
+def _speculative(model: GPT, prompt: Sequence[int], max_new_tokens: int, temperature: float, top_k: int,
+                 top_p: float, seed: int | None, stop_ids: Sequence[int], stats: SpeculationStats) -> Iterator[int]:
+    model.eval()
+    device = _device(model)
+    seq_len = model.shape.seq_len
+    tokens = list(prompt)[-(seq_len - 1):]
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    greedy = temperature <= 0
+    max_len = min(seq_len, len(tokens) + max_new_tokens)
+    cache = KVCache(model.shape, 1, max_len, device, torch.float32)
+    drafter = _Drafter(model, max_len, device)
+    depth = model.mtp.n_future
+    stats.offered, stats.accepted = stats.offered or [0] * depth, stats.accepted or [0] * depth
+
+    def pick(logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        if greedy:
+            return int(logits.float().argmax()), None
+        probs = token_probs(logits, temperature, top_k, top_p)
+        return _draw(probs, generator), probs
+
+    trunk = model.hidden(torch.tensor([tokens], device=device), cache)
+    drafter.observe(trunk, 0)
+    chosen, _ = pick(model.logits(trunk[0, -1]))
+    emitted = 0
+    while True:
+        if chosen in stop_ids:
+            return
+        yield chosen
+        emitted += 1
+        stats.tokens += 1
+        if emitted >= max_new_tokens or cache.pos >= max_len:
+            return
+        tokens.append(chosen)
+        last = cache.pos - 1  # the last position fed; `chosen` goes at cache.pos
+        room = min(depth, max_len - cache.pos - 1, max_new_tokens - emitted)
+        drafts = drafter.draft(tokens, last, pick)[:room]
+        start = cache.pos
+        trunk = model.hidden(torch.tensor([[chosen] + [t for t, _ in drafts]], device=device), cache)
+        logits = model.logits(trunk[0])  # logits[i]: the main model after chosen and i drafts
+        stats.steps += 1
+        accepted, correction = 0, None
+        for i, (draft, q) in enumerate(drafts):
+            stats.offered[i] += 1
+            if greedy:
+                main = int(logits[i].float().argmax())
+                if main != draft:
+                    correction = main
+                    break
+            else:
+                p = token_probs(logits[i], temperature, top_k, top_p)
+                ratio = float(p[draft] / q[draft]) if q[draft] > 0 else 1.0
+                if torch.rand((), generator=generator) >= min(1.0, ratio):
+                    residual = (p - q).clamp(min=0)
+                    correction = _draw(residual / residual.sum() if residual.sum() > 0 else p, generator)
+                    break
+            stats.accepted[i] += 1
+            accepted += 1
+        kept = start + 1 + accepted  # chosen and the accepted drafts
+        cache.pos = kept
+        drafter.observe(trunk[:, :1 + accepted], start)
+        drafter.rollback(kept)
+        for draft, _ in drafts[:accepted]:
+            if draft in stop_ids:
+                return
+            yield draft
+            emitted += 1
+            stats.tokens += 1
+            tokens.append(draft)
+            if emitted >= max_new_tokens:
+                return
+        if correction is None:  # every draft accepted: the main model's token after them
+            correction, _ = pick(logits[accepted])
+        chosen = correction
+
+
 def complete(model: GPT, tokenizer, prompt: str, max_new_tokens: int, stop: Sequence[str] = (), *,
-             temperature: float = 0.2, top_k: int = 50, top_p: float = 0.95, seed: int | None = None) -> str:
-    """The text generated after `prompt`, ending before the first stop string or the end-of-document token."""
+             temperature: float = 0.2, top_k: int = 50, top_p: float = 0.95, seed: int | None = None,
+             speculative: bool | None = None) -> str:
+    """The text generated after `prompt`, ending before the first stop string or the end-of-document token;
+    speculative (same greedy output, same sampling distribution) by default when the model has MTP."""
+    if speculative is None:
+        speculative = getattr(model, "mtp", None) is not None
     ids: list[int] = []
     text = ""
     for token in generate(model, tokenizer.encode(prompt), max_new_tokens, temperature=temperature, top_k=top_k,
-                          top_p=top_p, seed=seed, stop_ids=[tokenizer.eod_id]):
+                          top_p=top_p, seed=seed, stop_ids=[tokenizer.eod_id], speculative=speculative):
         ids.append(token)
         text = tokenizer.decode(ids)
         if any(s in text for s in stop):

@@ -10,6 +10,8 @@ one scale, and Muon would orthogonalize the three as one matrix). There are no b
 linear is built (ternary or dense) is the layer factory's choice (`make_linear`).
 A KV cache serves incremental decoding. A block can recompute its activations in the backward
 pass instead of keeping them (`Block.recompute`, set by train/activation_checkpointing.py).
+With `[mtp]` on, `mtp` holds the multi-token prediction heads or modules (model/mtp.py), built by
+the same layer factory from the same blocks; given targets, the forward then returns their loss.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ternchat.config import ModelConfig
+from ternchat.config import ModelConfig, MTPConfig
 from ternchat.model.bitlinear import BitLinear, TernaryLinear, make_linear
+from ternchat.model.mtp import make_mtp
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,20 @@ class GPTShape:
     d_ff: int
     seq_len: int
     quant: str
+    mtp_kind: str = "none"  # multi-token prediction: none, heads or modules
+    mtp_n_future: int = 0  # tokens predicted beyond the next one
+    mtp_weights: tuple[float, ...] = ()  # heads: one per depth from the next token; modules: (lambda,)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mtp_weights", tuple(self.mtp_weights))  # a list after a JSON round trip
 
     @classmethod
-    def from_config(cls, m: ModelConfig, vocab_size: int) -> "GPTShape":
-        return cls(vocab_size, m.depth, m.d_model, m.n_heads, m.d_ff or 4 * m.d_model, m.seq_len, m.quant)
+    def from_config(cls, m: ModelConfig, vocab_size: int, mtp: MTPConfig | None = None) -> "GPTShape":
+        extra = {}
+        if mtp is not None and mtp.kind != "none":
+            weights = tuple(mtp.weights) if mtp.kind == "heads" else (mtp.module_weight,)
+            extra = {"mtp_kind": mtp.kind, "mtp_n_future": mtp.n_future, "mtp_weights": weights}
+        return cls(vocab_size, m.depth, m.d_model, m.n_heads, m.d_ff or 4 * m.d_model, m.seq_len, m.quant, **extra)
 
     @property
     def head_dim(self) -> int:
@@ -154,6 +167,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(shape, i) for i in range(shape.depth))
         self.final_norm = rms_norm(shape.d_model)
         self.lm_head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
+        self.mtp = make_mtp(shape, lambda layer: Block(shape, layer), rms_norm)
         cos, sin = rotary_tables(shape.seq_len, shape.head_dim)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -163,30 +177,67 @@ class GPT(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.embed.weight, std=1.0)
         nn.init.normal_(self.lm_head.weight, std=0.001)
-        for block in self.blocks:
+        for block in (m for m in self.modules() if isinstance(m, Block)):  # the trunk's and MTP's
             for linear in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.mlp.up):
                 nn.init.normal_(linear.weight, std=linear.in_features ** -0.5)
             for linear in (block.attn.o_proj, block.mlp.down):  # residual branches start silent
                 nn.init.zeros_(linear.weight)
+        for projection in getattr(self.mtp, "projections", ()):
+            nn.init.normal_(projection.weight, std=projection.in_features ** -0.5)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                reduction: str = "mean") -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, the cross-entropy instead."""
+    def rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rope_cos[start:start + length], self.rope_sin[start:start + length]
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The trunk's last hidden states (B, T, d_model), before the final norm."""
         T = idx.shape[1]
         start = cache.pos if cache is not None else 0
         if start + T > self.shape.seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the model's seq_len {self.shape.seq_len}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        cos, sin = self.rope(start, T)
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x, cos, sin, cache)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.final_norm(x))
+        return x
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.final_norm(z))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, the cross-entropy instead
+        (with MTP on and reduction 'mean', the training loss of every depth; else the next token's)."""
+        z = self.hidden(idx, cache)
+        if targets is not None and self.mtp is not None and reduction == "mean" and cache is None:
+            cos, sin = self.rope(0, idx.shape[1])
+            if self.shape.mtp_kind == "heads":
+                return self.mtp.loss(z, targets, self.final_norm, self.lm_head, cos, sin)
+            return self.mtp.loss(z, idx, targets, self.final_norm, self.embed, self.lm_head, cos, sin)
+        logits = self.logits(z)
         if targets is None:
             return logits
         logits = logits.float()
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
+
+    def future_logits(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every depth: [0] the next token's (B, T, V), [k] MTP depth k's (B, T - k, V), where
+        position i predicts token i + 1 + k."""
+        T = idx.shape[1]
+        z = self.hidden(idx)
+        out = [self.logits(z)]
+        if self.mtp is None:
+            return out
+        cos, sin = self.rope(0, T)
+        h = z
+        for k in range(1, min(self.mtp.n_future, T - 1) + 1):
+            if self.shape.mtp_kind == "heads":
+                h_k = self.mtp.hidden(k, z, cos, sin)[:, :T - k]
+            else:
+                h = h_k = self.mtp.hidden(k, h[:, :T - k], self.embed(idx[:, k:]), cos[:T - k], sin[:T - k])
+            out.append(self.mtp.logits(k, h_k, self.lm_head))
+        return out
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters by kind: embedding, head, block matrices (ternary or dense), norm gains."""
@@ -198,6 +249,7 @@ class GPT(nn.Module):
             elif isinstance(module, nn.RMSNorm):
                 counts["norm_gains"] += module.weight.numel()
         counts["norm_gains"] += self.final_norm.weight.numel()
+        counts["mtp"] = sum(p.numel() for p in self.mtp.parameters()) if self.mtp is not None else 0
         counts["total"] = sum(counts.values())
         return counts
 

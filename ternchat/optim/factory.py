@@ -12,6 +12,8 @@ optimizers plug in here without touching the loop.
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn as nn
 
@@ -108,11 +110,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, ranks: Ranks = Ranks()) 
     """Block matrices -> Muon / GUM / GaLore-AdamW / FOAM / AdamW (each matrix stepped whole by one owner
     rank in a distributed or sharded run); embedding, head, gains -> AdamW or FOAM."""
     gains = []
-    layers: dict[str, list[torch.Tensor]] = {}  # block index -> its matrices (GUM samples whole blocks)
+    layers: dict[str, list[torch.Tensor]] = {}  # block -> its matrices (GUM samples whole blocks)
     for name, p in model.named_parameters():
-        if name.startswith("blocks.") and p.ndim == 2:
-            layers.setdefault(name.split(".")[1], []).append(p)
-        elif name.startswith(("blocks.", "final_norm.")):
+        if p is model.embed.weight or p is model.lm_head.weight:
+            continue
+        if p.ndim == 2:  # the trunk's blocks, and those of multi-token prediction
+            layers.setdefault(re.match(r"(.*?\.\d+)\.", name).group(1), []).append(p)
+        else:
             gains.append(p)
     embed_head = [dict(params=[model.embed.weight], lr=cfg.lr_embed, weight_decay=0.0),
                   dict(params=[model.lm_head.weight], lr=cfg.lr_head, weight_decay=0.0)]

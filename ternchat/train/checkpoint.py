@@ -112,7 +112,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, shape) -> dic
     """Verify and load a checkpoint into `model` and `optimizer`; return the trainer state."""
     verify_checkpoint(path)
     state = json.loads((path / "trainer.json").read_text())
-    if state.get("model_shape") != asdict(shape):
+    if state.get("model_shape") != json.loads(json.dumps(asdict(shape))):  # as saved: tuples become lists
         raise CheckpointError(f"checkpoint {path} is for model {state.get('model_shape')}, but this run builds "
                               f"{asdict(shape)}; resume with the run's own config")
     try:

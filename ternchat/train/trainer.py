@@ -164,7 +164,7 @@ class Trainer:
         if self.ranks.main:
             barrier()
         self.tok = data.tokenizer
-        self.shape = GPTShape.from_config(cfg.model, self.tok.vocab_size)
+        self.shape = GPTShape.from_config(cfg.model, self.tok.vocab_size, cfg.mtp)
         self.model, self.parallel_model, self.optimizer = build_training(cfg, self.shape, self.ranks, self.device)
         counts = self.model.parameter_counts()
         kind = "ternary" if self.model.is_ternary() else "dense"
