@@ -137,9 +137,8 @@ class _Drafter:
         for k, cache in enumerate(self.caches, start=1):
             if self.kind == "modules":  # catch module k up to `last`, from the states of module k - 1
                 start = cache.pos
-                positions = torch.arange(start, last + 1)
                 embedded = self.model.embed(torch.tensor([seq[start + k:last + 1 + k]], device=self.states.device))
-                cos, sin = self.model.rope(start, len(positions))
+                cos, sin = self.model.rope(start, last + 1 - start)
                 h = self.mtp.hidden(k, self.states[k - 1, start:last + 1][None], embedded, cos, sin, cache)
                 cache.pos = last + 1
                 self.states[k, start:last + 1] = h[0]

@@ -84,7 +84,7 @@ class MTPHeads(nn.Module):
             raise ValueError(f"heads need n_future + 1 = {self.n_future + 1} loss weights, got {len(self.weights)}")
         self.blocks = nn.ModuleList(block(0) for _ in range(self.n_future))
         self.norms = nn.ModuleList(norm(shape.d_model) for _ in range(self.n_future))
-        self.last_losses: list[float] = []
+        self.last_losses: list[torch.Tensor] = []
 
     def hidden(self, j: int, z: torch.Tensor, cos, sin, cache=None) -> torch.Tensor:
         """Head j's block output (j from 1: it predicts t+1+j) at every position of z."""
@@ -107,7 +107,8 @@ class MTPHeads(nn.Module):
         else:
             record = [term(z) for term in terms]
             total = torch.stack(record).sum()
-        self.last_losses = [float(r) / w if w else float("nan") for r, w in zip(record, self.weights)]
+        # detached tensors, not floats: a float would make every training step wait for the device
+        self.last_losses = [r / w if w else torch.full_like(r, float("nan")) for r, w in zip(record, self.weights)]
         return total
 
 
@@ -121,7 +122,7 @@ class MTPModules(nn.Module):
         self.projections = nn.ModuleList(make_linear(2 * d, d, shape.quant) for _ in range(self.n_future))
         self.blocks = nn.ModuleList(block(0) for _ in range(self.n_future))
         self.norms = nn.ModuleList(norm(d) for _ in range(self.n_future))
-        self.last_losses: list[float] = []
+        self.last_losses: list[torch.Tensor] = []
 
     def hidden(self, k: int, previous: torch.Tensor, embedded: torch.Tensor, cos, sin, cache=None) -> torch.Tensor:
         """h^k from h^{k-1} (`previous`) and the embeddings of the tokens k ahead (`embedded`), same positions."""
@@ -140,7 +141,7 @@ class MTPModules(nn.Module):
         for k in range(1, min(self.n_future, T - 1) + 1):
             h = self.hidden(k, h[:, :T - k], embed(idx[:, k:]), cos[:T - k], sin[:T - k])
             depth_losses.append(_cross_entropy(self.logits(k, h, lm_head), targets[:, k:]))
-        self.last_losses = [float(main.detach())] + [float(d.detach()) for d in depth_losses]
+        self.last_losses = [main.detach()] + [d.detach() for d in depth_losses]
         if not depth_losses:
             return main
         return main + self.weight / self.n_future * torch.stack(depth_losses).sum()
