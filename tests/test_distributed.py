@@ -28,6 +28,19 @@ def torchrun(nproc: int, *args: str, **kw) -> subprocess.Popen:
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
 
 
+def finish(job: subprocess.Popen, timeout: float) -> str:
+    """Wait for a torchrun job and assert it succeeded; a job still running at `timeout` (a hang at exit,
+    say) is killed with its ranks and fails the test."""
+    try:
+        _, err = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+        pytest.fail(f"the torchrun job ran past {timeout} s: {job.args}")
+    assert job.returncode == 0, err
+    return err
+
+
 def run_worker(tmp_path: Path, nproc: int, *args: str) -> dict:
     out = tmp_path / f"{nproc}-{'-'.join(args)}.pt"
     if nproc == 1:
@@ -35,9 +48,7 @@ def run_worker(tmp_path: Path, nproc: int, *args: str) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr
     else:
-        proc = torchrun(nproc, str(WORKER), *args, "--out", str(out))
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
+        finish(torchrun(nproc, str(WORKER), *args, "--out", str(out)), timeout=120)
     return torch.load(out, weights_only=True)
 
 
@@ -84,9 +95,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_kill_9_of_a_two_rank_run_resumes_at_two_ranks_and_at_one(tmp_path, overrides):
-    reference = torchrun(2, *tiny_train_args(overrides, tmp_path / "ref"))
-    _, err = reference.communicate(timeout=300)
-    assert reference.returncode == 0, err
+    finish(torchrun(2, *tiny_train_args(overrides, tmp_path / "ref")), timeout=300)
 
     victim = torchrun(2, *tiny_train_args(overrides, tmp_path / "cut"))
     deadline = time.time() + 300
@@ -98,9 +107,7 @@ def test_kill_9_of_a_two_rank_run_resumes_at_two_ranks_and_at_one(tmp_path, over
     assert latest_checkpoint(tmp_path / "cut").name in ("step_000008", "step_000012")
     shutil.copytree(tmp_path / "cut", tmp_path / "cut_one_rank")
 
-    resumed = torchrun(2, *tiny_train_args(overrides, tmp_path / "cut", "--resume"))
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
+    finish(torchrun(2, *tiny_train_args(overrides, tmp_path / "cut", "--resume")), timeout=300)
     expected, got = losses(tmp_path / "ref"), losses(tmp_path / "cut")
     assert sorted(got) == list(range(1, 15))
     assert got == expected  # bit-identical on CPU

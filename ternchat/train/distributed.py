@@ -36,6 +36,7 @@ resumes at any number of ranks.
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -105,7 +106,9 @@ def parallelize(model: nn.Module, cfg: DistConfig, ranks: Ranks, device: torch.d
     if cfg.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        replica = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        _replicas.add(replica)
+        return replica
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.fsdp_param_dtype == "bf16" else None,
@@ -127,7 +130,17 @@ def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+_replicas: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # the DDP wrappers parallelize made
+
+
 def shutdown_distributed() -> None:
+    """Leave the process group. DDP's reducers are dropped first: a reducer that held the group's last
+    reference would destroy it with the GIL held, and gloo's destructor waits for its worker threads,
+    which may need the GIL to release a finished work's tensors, so the process would hang at exit."""
+    for replica in list(_replicas):
+        if hasattr(replica, "reducer"):
+            del replica.reducer
+    _replicas.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
 
