@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ternchat import __version__
 from ternchat.config import SECTIONS, Config, ConfigError, describe, load_config, parse_bytes
@@ -175,6 +175,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace, result: dict, format_table: Callable[[dict], str]) -> None:
+    """Print a benchmark's table; with --out, also write what it measured as JSON."""
+    print(format_table(result))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "optim":
         from ternchat.bench.optim_bench import bench_optim, format_report
@@ -190,9 +197,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cfg = _config(args)
         corpus = prepare_data(cfg, until="corpus").corpus_dir
         result = bench_dedup(corpus, cfg.data.minhash_perms, cfg.data.near_dup_threshold)
-        print(format_dedup(result))
-        if args.out:
-            args.out.write_text(json.dumps(result, indent=1) + "\n")
+        _report(args, result, format_dedup)
         return 0
     if args.what == "sweep":
         from ternchat.bench.sweep import bench_sweep, format_sweep, parse_grid
@@ -200,25 +205,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not args.grid:
             raise ConfigError("bench sweep needs at least one --grid section.key=value1,value2,...")
         report = bench_sweep(args.config, args.overrides, parse_grid(args.grid), args.optim_steps)
-        print(format_sweep(report))
-        if args.out:
-            args.out.write_text(json.dumps(report, indent=1) + "\n")
+        _report(args, report, format_sweep)
         return 0
     if args.what == "mtp":
         from ternchat.bench.mtp_bench import bench_mtp, format_mtp
 
         report = bench_mtp(args.config, args.overrides, args.optim_steps, args.decode_tokens)
-        print(format_mtp(report))
-        if args.out:
-            args.out.write_text(json.dumps(report, indent=1) + "\n")
+        _report(args, report, format_mtp)
         return 0
     if args.what == "dist":
         from ternchat.bench.dist_bench import bench_dist, format_dist
 
         result = bench_dist(args.config, args.overrides, args.optim_steps)
-        print(format_dist(result))
-        if args.out:
-            args.out.write_text(json.dumps(result, indent=1) + "\n")
+        _report(args, result, format_dist)
         return 0
     if args.what == "scale":
         from ternchat.bench.scale_bench import bench_scale, format_scale
@@ -229,26 +228,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ConfigError(f"--memory-cap: {e}") from None
         result = bench_scale(_config(args), args.steps, args.warmup, cap, args.peak_tflops, args.cpu)
         if result:  # rank 0
-            print(format_scale(result))
-            if args.out:
-                args.out.write_text(json.dumps(result, indent=1) + "\n")
+            _report(args, result, format_scale)
         return 0
     if args.what == "eval":
         from ternchat.bench.eval_bench import bench_eval, format_result
 
         result = bench_eval(args.problems, args.workers, args.baseline_problems, args.allow_unisolated)
-        print(format_result(result))
-        if args.out:
-            args.out.write_text(json.dumps(result, indent=1) + "\n")
+        _report(args, result, format_result)
         return 0
     from ternchat.bench.train_bench import bench_train, format_table
 
     cfg = _config(args)
     result = bench_train(cfg, args.config, args.overrides, args.rounds, args.steps, args.warmup)
-    table = format_table(result)
-    print(table)
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    _report(args, result, format_table)
     return 0
 
 

@@ -65,6 +65,16 @@ def test_two_ranks_match_one_process_with_sgd(tmp_path, strategy):
     assert max_difference(one["params"], two["params"]) < 1e-6
 
 
+@pytest.mark.parametrize("strategy, mtp", [("ddp", "heads"), ("ddp", "modules"), ("fsdp2", "modules")])
+def test_multi_token_prediction_under_two_ranks_matches_one_process(tmp_path, strategy, mtp):
+    # The heads' gradients reach the parameters in SequentialHeadLoss's backward, where DDP's hooks see them.
+    one = run_worker(tmp_path, 1, "--optim", "sgd", "--mtp", mtp)
+    two = run_worker(tmp_path, 2, "--strategy", strategy, "--optim", "sgd", "--mtp", mtp)
+    assert any(k.startswith("mtp.") for k in two["grads"])
+    assert max_difference(one["grads"], two["grads"]) < 1e-6
+    assert max_difference(one["params"], two["params"]) < 1e-6
+
+
 @pytest.mark.parametrize("strategy, optim", [("ddp", "muon"), ("fsdp2", "muon"), ("fsdp2", "8bit-muon"),
                                              ("fsdp2", "gum")])
 def test_two_ranks_match_one_process_with_matrix_optimizers(tmp_path, strategy, optim):

@@ -3,6 +3,8 @@
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -196,3 +198,11 @@ def test_an_mtp_run_resumes_exactly_and_its_export_drafts(tmp_path, overrides, k
     prompt = tok.encode("fn main() {")
     plain = list(generate(packed, prompt, 16, temperature=0))
     assert list(generate(packed, prompt, 16, temperature=0, speculative=True)) == plain
+
+    def sample(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ternchat", "sample", "--run", str(run), "--prompt", "fn main() {",
+                               "--max-tokens", "16", "--temperature", "0", *flags], capture_output=True, text=True)
+
+    plain_cli, speculative_cli = sample(), sample("--speculative")
+    assert plain_cli.returncode == speculative_cli.returncode == 0, speculative_cli.stderr
+    assert speculative_cli.stdout == plain_cli.stdout and "draft acceptance by depth" in speculative_cli.stderr

@@ -210,3 +210,6 @@ def test_cli_export_and_sample(tmp_path, overrides):
     assert "tokens/s" in first.stderr
     packed = run("sample", "--run", str(tmp_path / "run" / "model_packed.safetensors"), *prompt)
     assert packed.stdout.startswith("fn main() {")
+    refused = subprocess.run([sys.executable, "-m", "ternchat", "sample", "--run", str(tmp_path / "run"), *prompt,
+                              "--speculative"], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "needs a model trained with multi-token prediction" in refused.stderr
