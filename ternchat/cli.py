@@ -128,13 +128,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
         print(f"error: --speculative needs a model trained with multi-token prediction ([mtp]); {args.run} has none",
               file=sys.stderr)
         return 2
-    stats = SpeculationStats()
+    if args.exit_threshold is not None and model.loop is None:
+        print(f"error: --exit-threshold needs a looped model ([loop]); {args.run} has none", file=sys.stderr)
+        return 2
+    stats, passes = SpeculationStats(), []
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     text, count, start = "", 0, time.perf_counter()
     sys.stdout.write(args.prompt)
     for token in generate(model, tok.encode(args.prompt), args.max_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=[tok.eod_id],
-                          speculative=args.speculative, stats=stats):
+                          speculative=args.speculative, stats=stats, exit_threshold=args.exit_threshold,
+                          passes_run=passes):
         count += 1
         piece = decoder.decode(tok.decode_bytes([token]))
         text += piece
@@ -150,6 +154,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.speculative:
         speculation = (f", {stats.steps} verify steps, draft acceptance by depth "
                        f"{', '.join(f'{a:.0%}' for a in stats.acceptance())}")
+    elif model.loop is not None and len(passes) > 1:  # the first entry is the prompt's, at full depth
+        speculation = f", {sum(passes[1:]) / len(passes[1:]):.2f} of {model.shape.loop_steps} passes per token"
     print(f"\n[{count} tokens in {seconds:.2f}s, {count / max(seconds, 1e-9):.1f} tokens/s{speculation}]",
           file=sys.stderr)
     return 0
@@ -206,6 +212,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ConfigError("bench sweep needs at least one --grid section.key=value1,value2,...")
         report = bench_sweep(args.config, args.overrides, parse_grid(args.grid), args.optim_steps)
         _report(args, report, format_sweep)
+        return 0
+    if args.what == "arch":
+        from ternchat.bench.arch_bench import bench_arch, format_arch
+
+        report = bench_arch(args.config, args.overrides, args.optim_steps)
+        _report(args, report, format_arch)
         return 0
     if args.what == "mtp":
         from ternchat.bench.mtp_bench import bench_mtp, format_mtp
@@ -385,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", action="store_true",
                    help="self-speculative decoding: the model's MTP heads or modules draft, the main head verifies "
                         "(greedy output identical to plain decoding; samples from the same distribution)")
+    p.add_argument("--exit-threshold", type=float, default=None, metavar="Q",
+                   help="a looped model ([loop]): Q-exit, stop each token's passes once the cumulative exit "
+                        "probability reaches Q (1 = every pass); default: the run's loop.exit_threshold")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("export", help="export a run's model with packed ternary weights",
@@ -409,14 +424,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "bench scale: a config's real model for a few steps on a GPU (optionally "
                                    "capped to a smaller card): tok/s, MFU and peak memory against the plan. "
                                    "bench mtp: the model without MTP, with heads and with modules (val bpb), and "
-                                   "speculative against plain decoding from the MTP models.")
-    p.add_argument("what", choices=["train", "eval", "optim", "sweep", "dedup", "dist", "scale", "mtp"],
+                                   "speculative against plain decoding from the MTP models. bench arch: the plain "
+                                   "model against mHC, unconstrained HC, LoopLM (T 2, 4) and mHC with LoopLM.")
+    p.add_argument("what", choices=["train", "eval", "optim", "sweep", "dedup", "dist", "scale", "mtp", "arch"],
                    help="train: training throughput and memory; eval: sandboxed compile+run evaluations per second; "
                         "optim: the memory-efficient optimizers against Muon and AdamW; sweep: validation loss "
                         "over a grid of config values; dedup: rensa's MinHash against datasketch's on the corpus; "
                         "dist: tokens/s of 1 process vs 2 ranks; scale: a preset's model on a GPU against its plan; "
-                        "mtp: multi-token prediction's val bpb and speculative decoding")
-    p.add_argument("--optim-steps", type=int, default=100, help="optim, sweep, dist, mtp: training steps per run")
+                        "mtp: multi-token prediction's val bpb and speculative decoding; arch: mHC and LoopLM "
+                        "against the plain model (val bpb, tok/s, memory, composite gain, Q-exit)")
+    p.add_argument("--optim-steps", type=int, default=100,
+                   help="optim, sweep, dist, mtp, arch: training steps per run")
     p.add_argument("--decode-tokens", type=int, default=128, help="mtp: tokens decoded per sample prompt")
     p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
                    help="sweep: values to try for one key (repeatable; the runs cover every combination)")

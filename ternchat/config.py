@@ -93,6 +93,37 @@ class MTPConfig:
 
 
 @dataclass
+class MHCConfig:
+    """[mhc] manifold-constrained hyper-connections (model/mhc.py): `streams` residual streams mixed by
+    input-dependent doubly-stochastic matrices around every attention and MLP sublayer."""
+
+    enabled: bool = _field(False, doc="widen the residual into `streams` streams with mHC wiring")
+    streams: int = _field(4, min=2, max=16, doc="residual streams n (the paper's expansion rate, 4)")
+    sinkhorn_iters: int = _field(20, min=1, max=200, doc="Sinkhorn-Knopp iterations projecting H_res onto "
+                                                         "doubly-stochastic matrices")
+    constraint: str = _field("sinkhorn", choices=("sinkhorn", "none"),
+                             doc="sinkhorn: mHC; none: unconstrained hyper-connections (HC, the paper's ablation)")
+    gate_init: float = _field(0.01, min=0.0, max=1.0, doc="initial gating factors alpha of the dynamic mappings")
+
+
+@dataclass
+class LoopConfig:
+    """[loop] LoopLM (model/looped.py): the stack of blocks applied `steps` times with shared weights, a
+    learned exit gate after each pass, and the exit-distribution objective."""
+
+    enabled: bool = _field(False, doc="loop the blocks with an exit gate (Ouro's LoopLM)")
+    steps: int = _field(4, min=1, max=16, doc="recurrent passes T over the shared blocks")
+    stage: str = _field("joint", choices=("joint", "gate"),
+                        doc="joint: stage I, LM and gate trained on sum_t p(t) L_t - beta H(p); gate: stage II, "
+                            "LM frozen, gate trained on the detached loss improvements")
+    entropy_beta: float = _field(0.05, min=0.0, doc="stage I: weight beta of the exit distribution's entropy")
+    gate_k: float = _field(50.0, min=0.0, doc="stage II: slope k of the target sigmoid(k (I - gamma))")
+    gate_gamma: float = _field(0.005, min=0.0, doc="stage II: improvement threshold gamma (nats)")
+    exit_threshold: float = _field(1.0, min=0.0, max=1.0, doc="Q-exit at generation: stop at the first pass "
+                                   "whose cumulative exit probability reaches q; 1 = always all passes")
+
+
+@dataclass
 class OptimConfig:
     """[optim]: optimizer of the 2-D block matrices and of everything else."""
 
@@ -204,6 +235,8 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     mtp: MTPConfig = field(default_factory=MTPConfig)
+    mhc: MHCConfig = field(default_factory=MHCConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -64,6 +64,20 @@ def block_matrices(s: GPTShape) -> list[tuple[int, int]]:
     return per_block * s.depth
 
 
+def hyper_connection_matrices(s: GPTShape) -> list[tuple[int, int]]:
+    """mHC's coefficient maps phi (n^2 + 2n, n d), one per sublayer (Muon steps them with the block's matrices)."""
+    n = s.mhc_streams
+    return [] if n == 1 else [(n * n + 2 * n, n * s.d_model)] * (2 * s.depth)
+
+
+def hyper_connection_activation_bytes(s: GPTShape) -> float:
+    """What mHC's wiring adds to a block's saved activations per token: the n-stream state each sublayer's
+    mixing keeps, the fp32 copy of the sublayer output, the aggregated input and the small coefficient
+    tensors; fitted to autograd's saved tensors (storage bytes) in tests/test_plan.py."""
+    n = s.mhc_streams
+    return 0.0 if n == 1 else 8.625 * n * s.d_model + 7 * s.d_model + 31 * n * n + 62 * n
+
+
 def mtp_matrices(s: GPTShape) -> list[tuple[int, int]]:
     """The matrices of multi-token prediction: a block per extra head, or per module plus its 2d -> d projection."""
     if s.mtp_kind == "none":
@@ -176,13 +190,17 @@ class Plan:
 
 def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gpu_mem: int | None = None,
                 gpus: int = 1, device: str = "cuda", host_mem: int | None = None) -> Plan:
-    s = GPTShape.from_config(cfg.model, vocab_size, cfg.mtp)
+    s = GPTShape.from_config(cfg, vocab_size)
     o = cfg.optim
-    trunk = block_matrices(s)
+    trunk = block_matrices(s) + hyper_connection_matrices(s)
     matrices = trunk + mtp_matrices(s)
     matrix_params = sum(r * c for r, c in matrices)
     embed_head = 2 * s.vocab_size * s.d_model
-    gains = s.depth * (2 * s.d_model + 2 * s.head_dim + s.d_model + s.d_ff) + s.d_model + mtp_gains(s)
+    n = s.mhc_streams
+    hc_scalars = 0 if n == 1 else 2 * s.depth * (3 + n * n + 2 * n)  # gating factors and static biases
+    exit_gate = s.d_model + 1 if s.loop_steps > 1 else 0
+    gains = (s.depth * (2 * s.d_model + 2 * s.head_dim + s.d_model + s.d_ff) + s.d_model + mtp_gains(s)
+             + hc_scalars + exit_gate)
     params = matrix_params + embed_head + gains
     notes = []
     eight_bit_adamw = o.adamw_8bit and not o.foam_embed_head
@@ -211,22 +229,28 @@ def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gp
     recompute = cfg.train.activation_checkpointing
     # The bf16 copy of each matrix that the forward saves for backward (autocast's cast, or the gathered
     # copy under FSDP2): every block's, or with recompute only the block being recomputed.
-    weight_copies = 2 * ((block_values if recompute != "none" else matrix_params) + embed_head / 2)
+    # A looped model's ternary weights are quantized again in each pass, so each pass saves its own copy.
+    looped_copies = (s.loop_steps - 1) * sum(r * c for r, c in block_matrices(s))
+    weight_copies = 2 * ((block_values if recompute != "none" else matrix_params + looped_copies) + embed_head / 2)
 
     def components(batch: int) -> dict[str, float]:
         tokens = batch * s.seq_len
         per_block = 58 * s.d_model + 12 * s.d_ff + 16 * s.n_heads
-        if recompute == "full":
-            saved = tokens * (s.depth * 4 * s.d_model + per_block)
+        trunk_block = per_block + hyper_connection_activation_bytes(s)
+        # a looped model keeps every pass's activations and every pass's logits (its exit objective)
+        passes = s.loop_steps
+        if recompute == "full":  # each block's n-stream input, and one block's activations during its recompute
+            saved = tokens * (passes * s.depth * 4 * n * s.d_model + trunk_block)
         elif recompute == "selective":
-            saved = tokens * (s.depth * selective_bytes_per_token(s) + per_block)
+            saved = tokens * (passes * s.depth * (selective_bytes_per_token(s) + hyper_connection_activation_bytes(s))
+                              + trunk_block)
         else:
-            saved = tokens * s.depth * per_block
+            saved = tokens * passes * s.depth * trunk_block
         # MTP: each extra block keeps its activations (no recompute); heads free their logits one at a
         # time (their sequential backward), modules keep theirs until the backward
         saved += tokens * s.mtp_n_future * per_block
-        kept_logits = 1 + (s.mtp_n_future if s.mtp_kind == "modules" else 0)
-        activations = saved + tokens * (10 * s.d_model + 4 * s.vocab_size * kept_logits) + weight_copies
+        kept_logits = passes + (s.mtp_n_future if s.mtp_kind == "modules" else 0)
+        activations = saved + tokens * (10 * s.d_model * passes + 4 * s.vocab_size * kept_logits) + weight_copies
         if s.mtp_kind == "heads":  # the gradients the heads' sequential backward holds until the trunk's
             activations += 4.0 * (sum(r * c for r, c in mtp_matrices(s)) + mtp_gains(s) + embed_head / 2
                                   + s.d_model)
@@ -334,7 +358,7 @@ def measure_cpu(cfg: Config, vocab_size: int, micro_batch: int) -> dict[str, int
 
     before = proc_status_bytes("VmRSS") or 0
     torch.manual_seed(0)
-    model = GPT(GPTShape.from_config(cfg.model, vocab_size, cfg.mtp))
+    model = GPT(GPTShape.from_config(cfg, vocab_size))
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     optimizer = build_optimizer(model, cfg.optim)
     autocast = autocast_for(cfg.train.dtype, torch.device("cpu"))

@@ -37,6 +37,8 @@ def main() -> None:
                         help="split this rank's rows into this many accumulated micro-batches")
     parser.add_argument("--mtp", choices=("none", "heads", "modules"), default="none",
                         help="multi-token prediction: two heads, or one module")
+    parser.add_argument("--arch", choices=("plain", "mhc-loop"), default="plain",
+                        help="mhc-loop: four mHC residual streams and two LoopLM passes")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     overrides = ["model.depth=2", "model.d_model=64", "model.n_heads=2", f"model.seq_len={SEQ}",
@@ -46,6 +48,8 @@ def main() -> None:
     if args.mtp != "none":
         overrides += [f"mtp.kind={args.mtp}", "mtp.n_future=" + ("2" if args.mtp == "heads" else "1"),
                       "mtp.weights=[1.0,0.5,0.25]"]
+    if args.arch == "mhc-loop":
+        overrides += ["mhc.enabled=true", "loop.enabled=true", "loop.steps=2"]
     if args.optim == "8bit-muon":
         overrides.append("optim.use_8bit_optim=true")
     if args.optim == "gum":
@@ -55,7 +59,7 @@ def main() -> None:
     ranks = launched_ranks()
     device = init_distributed(cfg.dist, ranks)
     torch.manual_seed(0)
-    model = GPT(GPTShape.from_config(cfg.model, VOCAB, cfg.mtp)).to(model_home(cfg.dist, device))
+    model = GPT(GPTShape.from_config(cfg, VOCAB)).to(model_home(cfg.dist, device))
     with torch.no_grad():  # the residual projections start at zero; give every matrix a gradient
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))

@@ -75,6 +75,16 @@ def test_multi_token_prediction_under_two_ranks_matches_one_process(tmp_path, st
     assert max_difference(one["params"], two["params"]) < 1e-6
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_mhc_and_the_loop_under_two_ranks_match_one_process(tmp_path, strategy):
+    # The loop runs every block twice per forward: each parameter's gradient is reduced once, whole.
+    one = run_worker(tmp_path, 1, "--optim", "sgd", "--arch", "mhc-loop")
+    two = run_worker(tmp_path, 2, "--strategy", strategy, "--optim", "sgd", "--arch", "mhc-loop")
+    assert {"blocks.0.attn_residual.phi", "loop.gate.weight"} <= set(two["grads"])
+    assert max_difference(one["grads"], two["grads"]) < 1e-6
+    assert max_difference(one["params"], two["params"]) < 1e-6
+
+
 @pytest.mark.parametrize("strategy, optim", [("ddp", "muon"), ("fsdp2", "muon"), ("fsdp2", "8bit-muon"),
                                              ("fsdp2", "gum")])
 def test_two_ranks_match_one_process_with_matrix_optimizers(tmp_path, strategy, optim):

@@ -23,7 +23,7 @@ def tiny(kind: str, vocab: int = 16, n_future: int = 2, quant: str = "none", seq
     cfg = load_config(overrides=[f'mtp.kind="{kind}"', f"mtp.n_future={n_future}", *weights, "model.depth=2",
                                  "model.d_model=64", "model.n_heads=2", f"model.seq_len={seq_len}",
                                  f'model.quant="{quant}"'])
-    return GPT(GPTShape.from_config(cfg.model, vocab, cfg.mtp))
+    return GPT(GPTShape.from_config(cfg, vocab))
 
 
 def jiggle(model: GPT, scale: float = 0.3) -> GPT:

@@ -24,12 +24,13 @@ def test_parse_bytes():
 
 def saved_activation_bytes(cfg) -> int:
     """Bytes autograd saves for backward in one forward pass, counted with saved-tensor hooks."""
-    model = GPT(GPTShape.from_config(cfg.model, cfg.tokenizer.vocab_size))
+    model = GPT(GPTShape.from_config(cfg, cfg.tokenizer.vocab_size))
     seen = {}
 
     def pack(t):
         if not (t.is_leaf and t.requires_grad):
-            seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+            storage = t.untyped_storage()  # views of one tensor count once
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     x = torch.randint(0, cfg.tokenizer.vocab_size, (cfg.train.batch_size, cfg.model.seq_len))
@@ -38,15 +39,21 @@ def saved_activation_bytes(cfg) -> int:
     return sum(seen.values())
 
 
-def test_activation_model_matches_what_autograd_saves():
-    cfg = load_config(overrides=SMALL)
+@pytest.mark.parametrize("extra", [[], ["mhc.enabled=true"], ["mhc.enabled=true", "mhc.streams=2"],
+                                   ["loop.enabled=true", "loop.steps=3"],
+                                   ["mhc.enabled=true", "loop.enabled=true", "loop.steps=2"]])
+def test_activation_model_matches_what_autograd_saves(extra):
+    cfg = load_config(overrides=[*SMALL, *extra])
     planned = plan_memory(cfg, 2048, device="cpu").components["activations"]
     assert abs(planned - saved_activation_bytes(cfg)) < 0.02 * planned
 
 
-def test_plan_is_a_close_upper_bound_of_the_measured_tensor_peak():
-    cfg = load_config(overrides=SMALL)
+@pytest.mark.parametrize("extra", [[], ["mhc.enabled=true", "loop.enabled=true", "loop.steps=2"]])
+def test_plan_is_a_close_upper_bound_of_the_measured_tensor_peak(extra):
+    cfg = load_config(overrides=[*SMALL, *extra])
     plan = plan_memory(cfg, 2048, device="cpu")
+    params = sum(p.numel() for p in GPT(GPTShape.from_config(cfg, 2048)).parameters())
+    assert plan.components["weights (fp32 latent)"] == 4 * params
     measured = measure_cpu(cfg, 2048, cfg.train.batch_size)["tensor_peak"]
     # An upper bound: the plan adds all gradients to all activations, which never peak together.
     assert measured <= plan.total < 1.2 * measured, (plan.total, measured)
@@ -56,7 +63,7 @@ def test_plan_is_a_close_upper_bound_of_the_measured_tensor_peak():
 def test_plan_counts_the_mtp_blocks(kind):
     weights = ["mtp.weights=[1.0, 0.5, 0.25]"] if kind == "heads" else []
     cfg = load_config(overrides=[*SMALL, f'mtp.kind="{kind}"', "mtp.n_future=2", *weights])
-    model = GPT(GPTShape.from_config(cfg.model, 2048, cfg.mtp))
+    model = GPT(GPTShape.from_config(cfg, 2048))
     plan = plan_memory(cfg, 2048, device="cpu")
     assert plan.components["weights (fp32 latent)"] == 4 * sum(p.numel() for p in model.parameters())
     assert plan.total > plan_memory(load_config(overrides=SMALL), 2048, device="cpu").total
@@ -151,9 +158,9 @@ def test_newton_schulz_workspace_covers_a_whole_stack(count, rows, cols, eight_b
 
 def test_newton_schulz_workspace_is_the_largest_stack():
     o = load_config().optim
-    shape = GPTShape.from_config(load_config().model, 8192)  # 6 blocks: 24 of 384x384, 6 of 1536x384, 6 of 384x1536
+    shape = GPTShape.from_config(load_config(), 8192)  # 6 blocks: 24 of 384x384, 6 of 1536x384, 6 of 384x1536
     assert newton_schulz_workspace(shape, o) == max(newton_schulz_workspace_of(24, 384, 384, o),
                                                     newton_schulz_workspace_of(6, 1536, 384, o))
-    big = GPTShape.from_config(load_config(CONFIGS / "config_a_threadripper_blackwell.toml").model, 32768)
+    big = GPTShape.from_config(load_config(CONFIGS / "config_a_threadripper_blackwell.toml"), 32768)
     muon = load_config(overrides=["optim.use_galore=false"]).optim
     assert newton_schulz_workspace(big, muon) == newton_schulz_workspace_of(4, 4096, 4096, muon)  # 128 -> stacks of 4

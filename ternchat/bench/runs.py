@@ -25,9 +25,10 @@ BENCH_OVERRIDES = ["train.time_limit_min=0", "eval.every_steps=0", "eval.rust_pr
                    "train.checkpoint_every=0"]
 
 
-def measure(config: str | None, overrides: list[str], steps: int, decode_tokens: int = 0) -> dict:
+def measure(config: str | None, overrides: list[str], steps: int, decode_tokens: int = 0, probe: str = "") -> dict:
     """Train `steps` steps in this process; return what was measured (with `decode_tokens`, also plain
-    against speculative decoding of the sample prompts by the trained model, bench/mtp_bench.py)."""
+    against speculative decoding of the sample prompts by the trained model, bench/mtp_bench.py; with
+    `probe`, 'module:function', what that function measures on the trained `Trainer`)."""
     from ternchat.train.trainer import SAMPLE_PROMPTS, Trainer
 
     cfg = load_config(config, [*overrides, *BENCH_OVERRIDES, f"train.max_steps={steps}"])
@@ -41,6 +42,7 @@ def measure(config: str | None, overrides: list[str], steps: int, decode_tokens:
 
             prompts = [trainer.tok.encode(p) for p in SAMPLE_PROMPTS]
             decoding = measure_decoding(trainer.inference_model(), prompts, decode_tokens)
+        probed = _resolve(probe)(trainer) if probe else None
     matrix_opt = trainer.optimizer.optimizers[0]
     matrix_params = sum(p.numel() for g in matrix_opt.param_groups for p in g["params"])
     matrix_state = sum(t.numel() * t.element_size() for s in matrix_opt.state.values() for t in s.values()
@@ -49,15 +51,23 @@ def measure(config: str | None, overrides: list[str], steps: int, decode_tokens:
     return {"val_loss": result["val_loss"], "val_bpb": result["val_bpb"], "tok_s": result["tok_s"],
             "peak_rss_bytes": result["peak_memory_bytes"], "matrix_state_bytes_per_param": matrix_state / matrix_params,
             "state_bytes_per_param": trainer.optimizer.state_bytes() / all_params, "losses": losses,
-            "params": all_params, **({"decoding": decoding} if decoding else {})}
+            "params": all_params, **({"decoding": decoding} if decoding else {}),
+            **({"probe": probed} if probed is not None else {})}
+
+
+def _resolve(probe: str):
+    import importlib
+
+    module, _, name = probe.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def measure_in_subprocess(config: str | None, overrides: list[str], steps: int, ranks: int = 1,
-                          decode_tokens: int = 0) -> dict:
+                          decode_tokens: int = 0, probe: str = "") -> dict:
     """`measure` in a fresh process, or in `ranks` > 1 processes started by torchrun (rank 0 reports)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
     args = [*(launcher if ranks > 1 else [sys.executable]), "-m", "ternchat.bench.runs", "--steps", str(steps),
-            "--decode-tokens", str(decode_tokens)]
+            "--decode-tokens", str(decode_tokens), "--probe", probe]
     args += (["--config", config] if config else []) + [a for o in overrides for a in ("--set", o)]
     done = subprocess.run(args, capture_output=True, text=True)
     if done.returncode != 0:
@@ -71,8 +81,9 @@ def _main() -> None:
     p.add_argument("--config")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--decode-tokens", type=int, default=0)
+    p.add_argument("--probe", default="")
     args = p.parse_args()
-    result = measure(args.config, args.overrides, args.steps, args.decode_tokens)
+    result = measure(args.config, args.overrides, args.steps, args.decode_tokens, args.probe)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(result))
 

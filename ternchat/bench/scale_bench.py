@@ -53,7 +53,7 @@ def bench_scale(cfg: Config, steps: int, warmup: int, memory_cap: int | None = N
                            f"{total / 2**30:.1f} GiB")
         torch.cuda.set_per_process_memory_fraction(memory_cap / total, device)
     t = cfg.train
-    shape = GPTShape.from_config(cfg.model, cfg.tokenizer.vocab_size, cfg.mtp)
+    shape = GPTShape.from_config(cfg, cfg.tokenizer.vocab_size)
     model, parallel_model, optimizer = build_training(cfg, shape, ranks, device)
     forward = compile_if_possible(parallel_model, device, print) if t.compile else parallel_model
     autocast = autocast_for(t.dtype, device)

@@ -56,7 +56,7 @@ class Variant:
 def build_variant(name: str, cfg: Config, vocab_size: int, device: torch.device) -> Variant:
     quant = "ternary" if name.startswith("c") else "none"
     muon = name.startswith("c") or name == "b_muon"
-    shape = GPTShape.from_config(cfg.model, vocab_size, cfg.mtp)
+    shape = GPTShape.from_config(cfg, vocab_size)
     torch.manual_seed(0)
     model = GPT(GPTShape(**{**shape.__dict__, "quant": quant})).to(device)
     if muon:

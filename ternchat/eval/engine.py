@@ -13,6 +13,11 @@ plain greedy decoding's. Sampling (Leviathan et al. 2023 / Chen et al. 2023): dr
 draft distribution q is accepted with probability min(1, p(x)/q(x)), else the token is drawn from
 norm(max(0, p - q)) and drafting restarts there; p and q get the same temperature, top-k and top-p,
 so the output is distributed as plain sampling's. Each step emits at least one token.
+
+A looped model (`[loop]`) decodes each new token with Q-exit at `exit_threshold` q (model/looped.py;
+the run's `loop.exit_threshold` by default): its passes stop at the first whose cumulative exit
+probability reaches q, and the passes it skipped get its last pass's keys and values in the cache so
+later tokens can attend to it; q = 1 runs every pass. Speculative decoding verifies at full depth.
 """
 
 from __future__ import annotations
@@ -73,9 +78,11 @@ def _device(model: GPT) -> torch.device:
 @torch.no_grad()
 def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 0.8, top_k: int = 50,
              top_p: float = 0.95, seed: int | None = None, stop_ids: Sequence[int] = (), speculative: bool = False,
-             stats: SpeculationStats | None = None) -> Iterator[int]:
+             stats: SpeculationStats | None = None, exit_threshold: float | None = None,
+             passes_run: list[int] | None = None) -> Iterator[int]:
     """Yield new token ids one at a time until `max_new_tokens`, a stop id or the context end; with
-    `speculative`, drafted by the model's MTP heads or modules and verified (module docstring)."""
+    `speculative`, drafted by the model's MTP heads or modules and verified (module docstring). A looped
+    model exits at `exit_threshold` (default: the model's); `passes_run` collects the passes of each step."""
     if not prompt:
         raise ValueError("the prompt must have at least one token")
     if speculative:
@@ -90,7 +97,15 @@ def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temperat
     prompt = list(prompt)[-(seq_len - 1):]
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     cache = KVCache(model.shape, 1, min(seq_len, len(prompt) + max_new_tokens), device, torch.float32)
-    logits = model(torch.tensor([prompt], device=device), cache=cache)[0, -1]
+    q = model.shape.loop_exit_threshold if exit_threshold is None else exit_threshold
+
+    def step(ids: list[int]) -> torch.Tensor:
+        states, ran = model.passes(torch.tensor([ids], device=device), cache, q)
+        if passes_run is not None:
+            passes_run.append(ran)
+        return model.exit_logits(states, q)[0, -1]
+
+    logits = step(prompt)
     for _ in range(max_new_tokens):
         token = sample_token(logits, temperature, top_k, top_p, generator)
         if token in stop_ids:
@@ -98,7 +113,7 @@ def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temperat
         yield token
         if cache.pos >= cache.max_len:
             return
-        logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1]
+        logits = step([token])
 
 
 class _Drafter:
@@ -110,7 +125,7 @@ class _Drafter:
     def __init__(self, model: GPT, max_len: int, device: torch.device):
         self.model, self.mtp, self.kind = model, model.mtp, model.shape.mtp_kind
         depth = self.mtp.n_future
-        one = replace(model.shape, depth=1)
+        one = replace(model.shape, depth=1, loop_steps=1)
         self.caches = [KVCache(one, 1, max_len, device, torch.float32) for _ in range(depth)]
         # states[0]: the trunk's; states[k]: head k's or module k's output, by position
         self.states = torch.zeros(depth + 1, max_len, model.shape.d_model, device=device)

@@ -2,7 +2,8 @@
 
 Every block matrix is stored as its ternary codes {-1, 0, +1}, shifted to {0, 1, 2} and packed
 base-3, five to a byte (3^5 = 243 <= 256), with its fp32 absmean scale beta. The token embedding
-and LM head are stored in bf16 (or fp32 with `float_dtype`), norm gains in fp32, all in one
+and LM head are stored in bf16 (or fp32 with `float_dtype`), norm gains, mHC's coefficient maps and
+LoopLM's exit gate in fp32, all in one
 safetensors file whose metadata holds the model shape and tokenizer hash. Loading rebuilds the
 GPT with inference-form ternary layers whose weights are exactly the training forward's.
 """
@@ -50,11 +51,14 @@ def export_packed(model: GPT, path: Path, tokenizer_hash: str, float_dtype: torc
         if isinstance(module, TernaryLinear):
             tensors[f"{name}.codes"] = pack_trits(module.codes)
             tensors[f"{name}.beta"] = module.beta.reshape(1)
+    # embedding, head and dense block linears in float_dtype; everything else (norm gains, the hyper-connections'
+    # coefficient maps, which run in fp32, the exit gate) stays fp32
+    low_precision = {f"{name}.weight" for name, module in model.named_modules()
+                     if isinstance(module, (torch.nn.Linear, torch.nn.Embedding))}
     for name, p in model.named_parameters():
         if name in packed_weights:
             continue
-        # Matrices (embedding, head, dense block linears) in float_dtype; norm gains stay fp32.
-        tensors[name] = p.detach().to(float_dtype if p.ndim == 2 else torch.float32).contiguous()
+        tensors[name] = p.detach().to(float_dtype if name in low_precision else torch.float32).contiguous()
     metadata = {"format": FORMAT, "shape": json.dumps(asdict(model.shape)), "tokenizer_hash": tokenizer_hash}
     save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
     n_params = model.parameter_counts()["total"]

@@ -12,6 +12,11 @@ A KV cache serves incremental decoding. A block can recompute its activations in
 pass instead of keeping them (`Block.recompute`, set by train/activation_checkpointing.py).
 With `[mtp]` on, `mtp` holds the multi-token prediction heads or modules (model/mtp.py), built by
 the same layer factory from the same blocks; given targets, the forward then returns their loss.
+With `[mhc]` on, the residual is `mhc_streams` streams and each sublayer's `x + F(x)` becomes the
+hyper-connection of model/mhc.py (the layer factory's `make_residual`); the streams are expanded after
+the embedding and contracted before the final norm. With `[loop]` on, the blocks run `loop_steps`
+passes with an exit gate after each (model/looped.py); the KV cache has a slot per pass and layer.
+Both are off by default, and the model is then exactly the plain GPT.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ternchat.config import ModelConfig, MTPConfig
+from ternchat.config import Config
 from ternchat.model.bitlinear import BitLinear, TernaryLinear, make_linear
+from ternchat.model.looped import make_loop, q_exit_steps
+from ternchat.model.mhc import PlainResidual, ResidualStreams, make_residual
 from ternchat.model.mtp import make_mtp
 
 
@@ -41,16 +48,34 @@ class GPTShape:
     mtp_kind: str = "none"  # multi-token prediction: none, heads or modules
     mtp_n_future: int = 0  # tokens predicted beyond the next one
     mtp_weights: tuple[float, ...] = ()  # heads: one per depth from the next token; modules: (lambda,)
+    mhc_streams: int = 1  # residual streams; 1 = the plain residual
+    mhc_sinkhorn_iters: int = 20
+    mhc_constraint: str = "sinkhorn"  # sinkhorn (mHC) or none (HC)
+    mhc_gate_init: float = 0.01
+    loop_steps: int = 1  # passes over the blocks; 1 = no loop
+    loop_stage: str = "joint"  # joint (stage I) or gate (stage II)
+    loop_entropy_beta: float = 0.05
+    loop_gate_k: float = 50.0
+    loop_gate_gamma: float = 0.005
+    loop_exit_threshold: float = 1.0  # Q-exit's q at generation; 1 = every pass
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mtp_weights", tuple(self.mtp_weights))  # a list after a JSON round trip
 
     @classmethod
-    def from_config(cls, m: ModelConfig, vocab_size: int, mtp: MTPConfig | None = None) -> "GPTShape":
+    def from_config(cls, cfg: Config, vocab_size: int) -> "GPTShape":
+        m, mtp, mhc, loop = cfg.model, cfg.mtp, cfg.mhc, cfg.loop
         extra = {}
-        if mtp is not None and mtp.kind != "none":
+        if mtp.kind != "none":
             weights = tuple(mtp.weights) if mtp.kind == "heads" else (mtp.module_weight,)
-            extra = {"mtp_kind": mtp.kind, "mtp_n_future": mtp.n_future, "mtp_weights": weights}
+            extra.update(mtp_kind=mtp.kind, mtp_n_future=mtp.n_future, mtp_weights=weights)
+        if mhc.enabled:
+            extra.update(mhc_streams=mhc.streams, mhc_sinkhorn_iters=mhc.sinkhorn_iters,
+                         mhc_constraint=mhc.constraint, mhc_gate_init=mhc.gate_init)
+        if loop.enabled:
+            extra.update(loop_steps=loop.steps, loop_stage=loop.stage, loop_entropy_beta=loop.entropy_beta,
+                         loop_gate_k=loop.gate_k, loop_gate_gamma=loop.gate_gamma,
+                         loop_exit_threshold=loop.exit_threshold)
         return cls(vocab_size, m.depth, m.d_model, m.n_heads, m.d_ff or 4 * m.d_model, m.seq_len, m.quant, **extra)
 
     @property
@@ -84,22 +109,34 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Keys and values of every layer for up to `max_len` positions."""
+    """Keys and values of every layer, and of every pass of a looped model, for up to `max_len` positions.
+    `layer_offset` selects the pass: slot pass * depth + layer."""
 
     def __init__(self, shape: GPTShape, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
-        size = (shape.depth, batch, shape.n_heads, max_len, shape.head_dim)
+        size = (shape.depth * shape.loop_steps, batch, shape.n_heads, max_len, shape.head_dim)
         self.k = torch.zeros(size, device=device, dtype=dtype)
         self.v = torch.zeros(size, device=device, dtype=dtype)
         self.pos = 0
         self.max_len = max_len
+        self.layer_offset = 0
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        slot = self.layer_offset + layer
+        self.k[slot, :, :, self.pos:end] = k
+        self.v[slot, :, :, self.pos:end] = v
+        return self.k[slot, :, :, :end], self.v[slot, :, :, :end]
+
+    def copy_pass(self, source: int, targets: range, depth: int, length: int) -> None:
+        """Give the next `length` positions, in the passes `targets` they skipped, pass `source`'s keys and
+        values (a token that exited early still has to be attended to by later tokens' deeper passes)."""
+        span = slice(self.pos, self.pos + length)
+        layers = slice(source * depth, (source + 1) * depth)
+        for target in targets:
+            self.k[target * depth:(target + 1) * depth, :, :, span] = self.k[layers, :, :, span]
+            self.v[target * depth:(target + 1) * depth, :, :, span] = self.v[layers, :, :, span]
 
 
 class Attention(nn.Module):
@@ -143,10 +180,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, s: GPTShape, layer: int):
+    def __init__(self, s: GPTShape, layer: int, residual: Callable[[], nn.Module] = PlainResidual):
         super().__init__()
         self.attn_norm, self.attn = rms_norm(s.d_model), Attention(s, layer)
         self.mlp_norm, self.mlp = rms_norm(s.d_model), MLP(s)
+        self.attn_residual, self.mlp_residual = residual(), residual()  # x + F(x), or mHC's wiring
         self.recompute: Callable | None = None  # set by train/activation_checkpointing.py
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
@@ -155,8 +193,8 @@ class Block(nn.Module):
         return self._forward(x, cos, sin, cache)
 
     def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        x = self.attn_residual(x, lambda u: self.attn(self.attn_norm(u), cos, sin, cache))
+        return self.mlp_residual(x, lambda u: self.mlp(self.mlp_norm(u)))
 
 
 class GPT(nn.Module):
@@ -164,14 +202,20 @@ class GPT(nn.Module):
         super().__init__()
         self.shape = shape
         self.embed = nn.Embedding(shape.vocab_size, shape.d_model)
-        self.blocks = nn.ModuleList(Block(shape, i) for i in range(shape.depth))
+        self.streams = ResidualStreams(shape.mhc_streams)
+        self.blocks = nn.ModuleList(Block(shape, i, lambda: make_residual(shape)) for i in range(shape.depth))
         self.final_norm = rms_norm(shape.d_model)
         self.lm_head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
-        self.mtp = make_mtp(shape, lambda layer: Block(shape, layer), rms_norm)
+        self.mtp = make_mtp(shape, lambda layer: Block(shape, layer), rms_norm)  # plain residual: one block each
+        self.loop = make_loop(shape)
         cos, sin = rotary_tables(shape.seq_len, shape.head_dim)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+        if self.loop is not None and self.loop.stage == "gate":  # stage II: the LM is frozen, the gate trains
+            gate = set(map(id, self.loop.gate.parameters()))
+            for p in self.parameters():
+                p.requires_grad_(id(p) in gate)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -188,34 +232,86 @@ class GPT(nn.Module):
     def rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rope_cos[start:start + length], self.rope_sin[start:start + length]
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """The trunk's last hidden states (B, T, d_model), before the final norm."""
+    def passes(self, idx: torch.Tensor, cache: KVCache | None = None, exit_threshold: float = 1.0
+               ) -> tuple[list[torch.Tensor], int]:
+        """The trunk's state after each pass over the blocks (each (B, T, d_model), before the final norm;
+        one pass unless looped), and the passes run. With `exit_threshold` q < 1 and one new position,
+        the passes stop at Q-exit (model/looped.py) and the cache's skipped passes take the last one's
+        keys and values."""
         T = idx.shape[1]
         start = cache.pos if cache is not None else 0
         if start + T > self.shape.seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the model's seq_len {self.shape.seq_len}")
         cos, sin = self.rope(start, T)
-        x = self.embed(idx)
-        for block in self.blocks:
-            x = block(x, cos, sin, cache)
+        x = self.streams.expand(self.embed(idx))
+        states, steps, survive = [], self.shape.loop_steps, 1.0
+        for step in range(steps):
+            if cache is not None:
+                cache.layer_offset = step * self.shape.depth
+            for block in self.blocks:
+                x = block(x, cos, sin, cache)
+            states.append(self.streams.contract(x))
+            if exit_threshold < 1 and T == 1 and step < steps - 1:
+                survive = survive * (1 - float(self.loop.gate(self.final_norm(states[-1]))))
+                if 1 - survive >= exit_threshold:
+                    break
         if cache is not None:
+            cache.layer_offset = 0
+            cache.copy_pass(len(states) - 1, range(len(states), steps), self.shape.depth, T)
             cache.pos += T
-        return x
+        return states, len(states)
+
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The trunk's last hidden states (B, T, d_model), before the final norm (a looped model's last pass)."""
+        return self.passes(idx, cache)[0][-1]
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.final_norm(z))
 
+    def exit_logits(self, states: list[torch.Tensor], exit_threshold: float) -> torch.Tensor:
+        """Each position's logits from the pass Q-exit stops it at (the last pass for q = 1 or no loop)."""
+        if self.loop is None or exit_threshold >= 1 or len(states) < self.shape.loop_steps:
+            return self.logits(states[-1])
+        normed = [self.final_norm(z) for z in states]
+        chosen = q_exit_steps(torch.stack([self.loop.gate(h) for h in normed]), exit_threshold)  # (B, T)
+        picked = torch.stack(normed).gather(0, chosen[None, ..., None].expand(1, *normed[0].shape))[0]
+        return self.lm_head(picked)
+
+    def training_loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of the configured objective: the next token's cross-entropy or the loop's exit objective
+        over its passes' states, plus MTP's depths, which read the last pass's state."""
+        states, _ = self.passes(idx)
+        looped = self.loop is not None
+        z = torch.stack(states) if looped else states[0]
+
+        def next_token(z: torch.Tensor) -> torch.Tensor:
+            if looped:
+                return self.loop.loss(list(z.unbind(0)), targets, self.final_norm, self.lm_head)
+            logits = self.logits(z).float()
+            return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+
+        def last(z: torch.Tensor) -> torch.Tensor:
+            return z[-1] if looped else z
+
+        if self.mtp is None or (looped and self.loop.stage == "gate"):  # stage II trains the gate alone
+            return next_token(z)
+        cos, sin = self.rope(0, idx.shape[1])
+        if self.shape.mtp_kind == "heads":
+            shared = [*self.final_norm.parameters(), *self.lm_head.parameters(),
+                      *(self.loop.parameters() if self.loop is not None else ())]
+            return self.mtp.loss(z, targets, next_token, last, self.lm_head, cos, sin, shared)
+        return self.mtp.loss(z, idx, targets, next_token, last, self.embed, self.lm_head, cos, sin)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                reduction: str = "mean") -> torch.Tensor:
+                reduction: str = "mean", exit_threshold: float = 1.0) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, the cross-entropy instead
-        (with MTP on and reduction 'mean', the training loss of every depth; else the next token's)."""
-        z = self.hidden(idx, cache)
-        if targets is not None and self.mtp is not None and reduction == "mean" and cache is None:
-            cos, sin = self.rope(0, idx.shape[1])
-            if self.shape.mtp_kind == "heads":
-                return self.mtp.loss(z, targets, self.final_norm, self.lm_head, cos, sin)
-            return self.mtp.loss(z, idx, targets, self.final_norm, self.embed, self.lm_head, cos, sin)
-        logits = self.logits(z)
+        (with MTP or a loop on and reduction 'mean', the training objective; else the next token's, a
+        looped model's from its last pass). `exit_threshold` < 1: logits from Q-exit's pass per position."""
+        objective = self.mtp is not None or self.loop is not None
+        if targets is not None and reduction == "mean" and cache is None and objective:
+            return self.training_loss(idx, targets)
+        states, _ = self.passes(idx, cache, exit_threshold)
+        logits = self.exit_logits(states, exit_threshold)
         if targets is None:
             return logits
         logits = logits.float()
@@ -239,6 +335,17 @@ class GPT(nn.Module):
             out.append(self.mtp.logits(k, h_k, self.lm_head))
         return out
 
+    def objective_metrics(self) -> dict[str, float | list[float]]:
+        """What the last training forward's objective measured besides its value (metrics.jsonl): each MTP
+        depth's loss, each loop pass's next-token loss and the mean exit pass under the exit distribution."""
+        out: dict[str, float | list[float]] = {}
+        if self.mtp is not None and self.mtp.last_losses:
+            out["mtp_depth_losses"] = [float(x) for x in self.mtp.last_losses]
+        if self.loop is not None and self.loop.last_exit_step is not None:
+            out["loop_pass_losses"] = [float(x) for x in self.loop.last_losses]
+            out["loop_mean_exit_pass"] = float(self.loop.last_exit_step)
+        return out
+
     def parameter_counts(self) -> dict[str, int]:
         """Parameters by kind: embedding, head, block matrices (ternary or dense), norm gains."""
         counts = {"embedding": self.embed.weight.numel(), "head": self.lm_head.weight.numel(),
@@ -250,6 +357,9 @@ class GPT(nn.Module):
                 counts["norm_gains"] += module.weight.numel()
         counts["norm_gains"] += self.final_norm.weight.numel()
         counts["mtp"] = sum(p.numel() for p in self.mtp.parameters()) if self.mtp is not None else 0
+        counts["hyper_connections"] = sum(p.numel() for name, p in self.blocks.named_parameters()
+                                          if "_residual." in name)
+        counts["exit_gate"] = sum(p.numel() for p in self.loop.parameters()) if self.loop is not None else 0
         counts["total"] = sum(counts.values())
         return counts
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ternchat.model.bitlinear import make_linear
 
 Factory = Callable[[int], nn.Module]  # block(layer) or norm(dim), from the model's layer factory
+Term = Callable[[torch.Tensor], torch.Tensor]  # the trunk's state -> a loss, or -> the state MTP reads
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -93,16 +94,19 @@ class MTPHeads(nn.Module):
     def logits(self, j: int, h: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
         return lm_head(self.norms[j - 1](h))
 
-    def loss(self, z: torch.Tensor, targets: torch.Tensor, final_norm: nn.Module, lm_head: nn.Module,
-             cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        T = z.shape[1]
-        terms = [lambda h: self.weights[0] * _cross_entropy(lm_head(final_norm(h)), targets)]
+    def loss(self, z: torch.Tensor, targets: torch.Tensor, next_token: Term, last: Term, lm_head: nn.Module,
+             cos: torch.Tensor, sin: torch.Tensor, shared: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The weighted sum of the next-token objective `next_token(z)` and the heads' losses on `last(z)`
+        (z the trunk's state; a looped model's passes' states); `shared` are the parameters outside the
+        heads that the terms use (final norm, head, exit gate)."""
+        T = targets.shape[1]
+        terms = [lambda h: self.weights[0] * next_token(h)]
         for j in range(1, min(self.n_future, T - 1) + 1):
             terms.append(lambda h, j=j: self.weights[j] * _cross_entropy(
-                self.logits(j, self.hidden(j, h, cos, sin), lm_head)[:, :T - j], targets[:, j:]))
+                self.logits(j, self.hidden(j, last(h), cos, sin), lm_head)[:, :T - j], targets[:, j:]))
         record: list[torch.Tensor] = []
         if torch.is_grad_enabled():
-            params = [p for m in (final_norm, lm_head, self) for p in m.parameters() if p.requires_grad]
+            params = [p for p in [*shared, *self.parameters()] if p.requires_grad]
             total = _sequential(z, terms, record, params)
         else:
             record = [term(z) for term in terms]
@@ -133,11 +137,12 @@ class MTPModules(nn.Module):
     def logits(self, k: int, h: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
         return lm_head(self.norms[k - 1](h))
 
-    def loss(self, z: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, final_norm: nn.Module,
+    def loss(self, z: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, next_token: Term, last: Term,
              embed: nn.Module, lm_head: nn.Module, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        T = z.shape[1]
-        main = _cross_entropy(lm_head(final_norm(z)), targets)
-        depth_losses, h = [], z
+        """`next_token(z)` plus (lambda / D) x the modules' losses, module 1 reading h^0 = `last(z)`."""
+        T = targets.shape[1]
+        main = next_token(z)
+        depth_losses, h = [], last(z)
         for k in range(1, min(self.n_future, T - 1) + 1):
             h = self.hidden(k, h[:, :T - k], embed(idx[:, k:]), cos[:T - k], sin[:T - k])
             depth_losses.append(_cross_entropy(self.logits(k, h, lm_head), targets[:, k:]))

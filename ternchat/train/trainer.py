@@ -164,7 +164,7 @@ class Trainer:
         if self.ranks.main:
             barrier()
         self.tok = data.tokenizer
-        self.shape = GPTShape.from_config(cfg.model, self.tok.vocab_size, cfg.mtp)
+        self.shape = GPTShape.from_config(cfg, self.tok.vocab_size)
         self.model, self.parallel_model, self.optimizer = build_training(cfg, self.shape, self.ranks, self.device)
         counts = self.model.parameter_counts()
         kind = "ternary" if self.model.is_ternary() else "dense"
@@ -335,7 +335,7 @@ class Trainer:
                 tok_s = tokens_per_step / max(step_seconds, 1e-9)
                 self.metrics.write(step=self.step, loss=loss, lr_scale=self.lr_scale, tokens=self.tokens_seen,
                                    tok_s=tok_s, elapsed_s=self.elapsed,
-                                   peak_memory_bytes=peak_memory_bytes(self.device))
+                                   peak_memory_bytes=peak_memory_bytes(self.device), **self.model.objective_metrics())
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
                 if self._due(e.every_steps):
                     last_val = self.evaluate()
