@@ -219,6 +219,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = bench_arch(args.config, args.overrides, args.optim_steps)
         _report(args, report, format_arch)
         return 0
+    if args.what in ("precision", "collider"):
+        from ternchat.bench import gemm_bench
+
+        bench = gemm_bench.bench_precision if args.what == "precision" else gemm_bench.bench_collider
+        table = gemm_bench.format_precision if args.what == "precision" else gemm_bench.format_collider
+        _report(args, bench(args.config, args.overrides, args.optim_steps), table)
+        return 0
     if args.what == "mtp":
         from ternchat.bench.mtp_bench import bench_mtp, format_mtp
 
@@ -425,16 +432,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "capped to a smaller card): tok/s, MFU and peak memory against the plan. "
                                    "bench mtp: the model without MTP, with heads and with modules (val bpb), and "
                                    "speculative against plain decoding from the MTP models. bench arch: the plain "
-                                   "model against mHC, unconstrained HC, LoopLM (T 2, 4) and mHC with LoopLM.")
-    p.add_argument("what", choices=["train", "eval", "optim", "sweep", "dedup", "dist", "scale", "mtp", "arch"],
+                                   "model against mHC, unconstrained HC, LoopLM (T 2, 4) and mHC with LoopLM. "
+                                   "bench precision: high-precision GEMMs against each [fp4] recipe. bench collider: "
+                                   "step times and val bpb at 0/20/40/60% of tokens filtered.")
+    p.add_argument("what", choices=["train", "eval", "optim", "sweep", "dedup", "dist", "scale", "mtp", "arch",
+                                    "precision", "collider"],
                    help="train: training throughput and memory; eval: sandboxed compile+run evaluations per second; "
                         "optim: the memory-efficient optimizers against Muon and AdamW; sweep: validation loss "
                         "over a grid of config values; dedup: rensa's MinHash against datasketch's on the corpus; "
                         "dist: tokens/s of 1 process vs 2 ranks; scale: a preset's model on a GPU against its plan; "
                         "mtp: multi-token prediction's val bpb and speculative decoding; arch: mHC and LoopLM "
-                        "against the plain model (val bpb, tok/s, memory, composite gain, Q-exit)")
+                        "against the plain model (val bpb, tok/s, memory, composite gain, Q-exit); precision: FP4/FP8 "
+                        "recipes (val bpb, loss curve, quantization error, GPU GEMM throughput); collider: backward "
+                        "and step time and val bpb per filtered fraction")
     p.add_argument("--optim-steps", type=int, default=100,
-                   help="optim, sweep, dist, mtp, arch: training steps per run")
+                   help="optim, sweep, dist, mtp, arch, precision, collider: training steps per run")
     p.add_argument("--decode-tokens", type=int, default=128, help="mtp: tokens decoded per sample prompt")
     p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
                    help="sweep: values to try for one key (repeatable; the runs cover every combination)")

@@ -124,6 +124,35 @@ class LoopConfig:
 
 
 @dataclass
+class FP4Config:
+    """[fp4] low-precision GEMMs in every block linear (model/fp4.py, model/linear.py): FP4 recipes emulated
+    where the hardware has no FP4 tensor cores, FP8 through torch._scaled_mm."""
+
+    recipe: str = _field("none", choices=("none", "mxfp4_backward", "nvfp4", "fp8"),
+                         doc="mxfp4_backward: Tseng et al. (backward GEMMs MXFP4, stochastic rounding, RHT); "
+                             "nvfp4: NVIDIA's recipe (all three GEMMs NVFP4); fp8: E4M3/E5M2 tensorwise")
+    bf16_first_blocks: int = _field(0, min=0, doc="blocks at the start whose linears keep high precision")
+    bf16_last_blocks: int = _field(1, min=0, doc="blocks at the end whose linears keep high precision "
+                                                 "(NVIDIA keeps the last ~15% of linears in BF16)")
+    quantize_head: bool = _field(False, doc="run the LM head's GEMMs under the recipe too")
+    hadamard_block: int = _field(0, min=0, max=256, doc="random Hadamard block (a power of two); 0 = the "
+                                 "recipe's own (mxfp4_backward 64, nvfp4 16)")
+    seed: int = _field(0, min=0, doc="seed of nvfp4's fixed Hadamard sign vector (stochastic rounding and "
+                                     "redrawn signs draw from torch's generator, seeded by train.seed)")
+
+
+@dataclass
+class ColliderConfig:
+    """[collider] token filtering whose savings reach the backward pass (model/collider.py)."""
+
+    enabled: bool = _field(False, doc="keep the top (1 - filter_frac) tokens by score; drop the others' "
+                                      "gradients at every linear and shrink the backward GEMMs to the kept rows")
+    filter_frac: float = _field(0.4, min=0.0, max=0.95, doc="share of each batch's tokens filtered (the paper: 0.4)")
+    reference: str = _field("", doc="run folder of a reference model: score = Rho-1's excess loss (training loss "
+                                    "minus the reference's); empty = score by the training loss")
+
+
+@dataclass
 class OptimConfig:
     """[optim]: optimizer of the 2-D block matrices and of everything else."""
 
@@ -237,6 +266,8 @@ class Config:
     mtp: MTPConfig = field(default_factory=MTPConfig)
     mhc: MHCConfig = field(default_factory=MHCConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    fp4: FP4Config = field(default_factory=FP4Config)
+    collider: ColliderConfig = field(default_factory=ColliderConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -354,6 +385,15 @@ def _validate(cfg: Config) -> None:
                           "parameters do not support yet; use dist.strategy = 'ddp' or mtp.kind = 'modules'")
     if cfg.data.min_file_bytes >= cfg.data.max_file_bytes:
         raise ConfigError("data.min_file_bytes must be smaller than data.max_file_bytes")
+    f = cfg.fp4
+    if f.recipe != "none" and f.bf16_first_blocks + f.bf16_last_blocks >= m.depth:
+        raise ConfigError(f"fp4.bf16_first_blocks + fp4.bf16_last_blocks = {f.bf16_first_blocks + f.bf16_last_blocks} "
+                          f"leaves none of the model.depth = {m.depth} blocks to fp4.recipe = {f.recipe!r}")
+    if f.hadamard_block & (f.hadamard_block - 1):
+        raise ConfigError(f"fp4.hadamard_block = {f.hadamard_block} must be a power of two (or 0 for the recipe's)")
+    if cfg.collider.enabled and (cfg.mtp.kind != "none" or cfg.loop.enabled):
+        raise ConfigError("collider.enabled filters the next-token loss of a plain objective; it does not combine "
+                          "with mtp.kind or loop.enabled yet")
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:

@@ -21,7 +21,7 @@ def load_run_model(run_dir: Path) -> GPT:
     if checkpoint is None:
         raise DataError(f"{run_dir} has no checkpoint; train first (ternchat train) or pass a packed model file")
     verify_checkpoint(checkpoint)
-    shape = GPTShape(**json.loads((checkpoint / "trainer.json").read_text())["model_shape"])
+    shape = GPTShape(**json.loads((checkpoint / "trainer.json").read_text())["model_shape"]).for_inference()
     model = GPT(shape)
     model.load_state_dict(load_file(checkpoint / "model.safetensors"))
     return to_inference(model).eval()

@@ -97,3 +97,24 @@ def data_home(tmp_path_factory, debian_roots):
 def overrides(data_home, debian_roots, monkeypatch):
     monkeypatch.setenv("TERNCHAT_HOME", str(data_home))
     return tiny_overrides(debian_roots)
+
+
+@pytest.fixture
+def stop_and_resume():
+    """`train_stop_and_resume`, for tests."""
+    return train_stop_and_resume
+
+
+def train_stop_and_resume(cfg, run: Path, last_step: int) -> list[dict]:
+    """Train `cfg` into `run`, delete the last checkpoint (step `last_step`), resume, and check that the
+    resumed run logs the same loss at every step; returns the first run's metrics rows."""
+    from ternchat.train.trainer import train
+
+    train(cfg, run, log=lambda _: None)
+    first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(run / "checkpoints" / f"step_{last_step:06d}")
+    train(cfg, run, resume=True, log=lambda _: None)
+    again = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = lambda rows: {r["step"]: r["loss"] for r in rows if "loss" in r}  # noqa: E731
+    assert losses(again) == losses(first) and len(losses(first)) == last_step
+    return first

@@ -37,8 +37,9 @@ def main() -> None:
                         help="split this rank's rows into this many accumulated micro-batches")
     parser.add_argument("--mtp", choices=("none", "heads", "modules"), default="none",
                         help="multi-token prediction: two heads, or one module")
-    parser.add_argument("--arch", choices=("plain", "mhc-loop"), default="plain",
-                        help="mhc-loop: four mHC residual streams and two LoopLM passes")
+    parser.add_argument("--arch", choices=("plain", "mhc-loop", "gemm-hooks"), default="plain",
+                        help="mhc-loop: four mHC residual streams and two LoopLM passes; gemm-hooks: FP8 GEMMs "
+                             "everywhere and Collider filtering 40% of the tokens")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     overrides = ["model.depth=2", "model.d_model=64", "model.n_heads=2", f"model.seq_len={SEQ}",
@@ -50,6 +51,8 @@ def main() -> None:
                       "mtp.weights=[1.0,0.5,0.25]"]
     if args.arch == "mhc-loop":
         overrides += ["mhc.enabled=true", "loop.enabled=true", "loop.steps=2"]
+    if args.arch == "gemm-hooks":
+        overrides += ["fp4.recipe=fp8", "fp4.bf16_last_blocks=0", "fp4.quantize_head=true", "collider.enabled=true"]
     if args.optim == "8bit-muon":
         overrides.append("optim.use_8bit_optim=true")
     if args.optim == "gum":

@@ -1,7 +1,5 @@
 """mHC hyper-connections and LoopLM looped depth: the pieces, the models, and a run that uses both."""
 
-import json
-import shutil
 
 import pytest
 import torch
@@ -196,21 +194,14 @@ def test_mtp_composes_with_mhc_and_the_loop(kind):
     assert list(generate(model, [1, 2, 3], 10, temperature=0, speculative=True)) == plain
 
 
-def test_a_run_with_mhc_and_the_loop_resumes_exactly_and_exports(tmp_path, overrides):
+def test_a_run_with_mhc_and_the_loop_resumes_exactly_and_exports(tmp_path, overrides, stop_and_resume):
     from ternchat.export.packed import export_packed, load_packed
     from ternchat.runs import load_model_and_tokenizer
-    from ternchat.train.trainer import train
 
     cfg = load_config(overrides=[*overrides, "mhc.enabled=true", "loop.enabled=true", "loop.steps=2",
                                  "train.max_steps=4", "train.checkpoint_every=2"])
     run = tmp_path / "run"
-    train(cfg, run, log=lambda _: None)
-    first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    shutil.rmtree(run / "checkpoints" / "step_000004")
-    train(cfg, run, resume=True, log=lambda _: None)
-    again = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    losses = lambda rows: {r["step"]: r["loss"] for r in rows if "loss" in r}
-    assert losses(again) == losses(first) and len(losses(first)) == 4
+    stop_and_resume(cfg, run, 4)
 
     model, tok = load_model_and_tokenizer(run)
     assert model.shape.mhc_streams == 4 and model.shape.loop_steps == 2

@@ -85,6 +85,16 @@ def test_mhc_and_the_loop_under_two_ranks_match_one_process(tmp_path, strategy):
     assert max_difference(one["params"], two["params"]) < 1e-6
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_fp8_gemms_and_collider_under_two_ranks_match_one_process(tmp_path, strategy):
+    # Tensorwise FP8 scales and Collider's top tokens are per micro-batch: one process with two micro-batches
+    # sees exactly what each rank sees.
+    one = run_worker(tmp_path, 1, "--optim", "sgd", "--arch", "gemm-hooks", "--micro-batches", "2")
+    two = run_worker(tmp_path, 2, "--strategy", strategy, "--optim", "sgd", "--arch", "gemm-hooks")
+    assert max_difference(one["grads"], two["grads"]) < 1e-6
+    assert max_difference(one["params"], two["params"]) < 1e-6
+
+
 @pytest.mark.parametrize("strategy, optim", [("ddp", "muon"), ("fsdp2", "muon"), ("fsdp2", "8bit-muon"),
                                              ("fsdp2", "gum")])
 def test_two_ranks_match_one_process_with_matrix_optimizers(tmp_path, strategy, optim):

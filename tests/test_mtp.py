@@ -1,8 +1,6 @@
 """Multi-token prediction (heads and modules) and self-speculative decoding."""
 
-import json
 import math
-import shutil
 import subprocess
 import sys
 
@@ -175,21 +173,14 @@ def test_speculative_needs_mtp():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_an_mtp_run_resumes_exactly_and_its_export_drafts(tmp_path, overrides, kind):
+def test_an_mtp_run_resumes_exactly_and_its_export_drafts(tmp_path, overrides, kind, stop_and_resume):
     from ternchat.export.packed import export_packed, load_packed
     from ternchat.runs import load_model_and_tokenizer
-    from ternchat.train.trainer import train
 
     extra = [f'mtp.kind="{kind}"', "mtp.n_future=2"] + (["mtp.weights=[1.0, 0.5, 0.25]"] if kind == "heads" else [])
     cfg = load_config(overrides=[*overrides, *extra, "train.max_steps=6", "train.checkpoint_every=3"])
     run = tmp_path / "run"
-    train(cfg, run, log=lambda _: None)
-    first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    shutil.rmtree(run / "checkpoints" / "step_000006")
-    train(cfg, run, resume=True, log=lambda _: None)
-    again = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    losses = lambda rows: {r["step"]: r["loss"] for r in rows if "loss" in r}
-    assert losses(again) == losses(first) and len(losses(first)) == 6
+    stop_and_resume(cfg, run, 6)
 
     model, tok = load_model_and_tokenizer(run)
     assert model.mtp is not None

@@ -74,7 +74,7 @@ def load_packed(path: Path) -> tuple[GPT, str]:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a ternchat packed model (format {meta.get('format')!r})")
-        shape = GPTShape(**json.loads(meta["shape"]))
+        shape = GPTShape(**json.loads(meta["shape"])).for_inference()
         model = GPT(shape)
         if shape.quant == "ternary":
             to_inference(model)

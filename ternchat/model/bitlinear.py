@@ -5,8 +5,10 @@ weight W is kept in full precision; every forward quantizes it per tensor to {-1
 with beta = mean|W| (absmean, recomputed each forward), and quantizes the input per token to
 8 bits with the absmax scale 127 / max|x|. Rounding has no gradient, so the backward pass uses
 the straight-through estimator: `x + (q(x) - x).detach()` passes the gradient of q(x) to x as
-if q were the identity. The layer expects a normalized input (the GPT puts an RMSNorm in front of
-every BitLinear), has no bias, and also offers the packed form used by export and inference.
+if q were the identity. The product of the quantized operands runs through model/linear.py's GEMMs,
+where an `[fp4]` recipe or Collider can change them. The layer expects a normalized input (the GPT
+puts an RMSNorm in front of every BitLinear), has no bias, and also offers the packed form used by
+export and inference.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ternchat.model.linear import NO_HOOKS, Gemm, Linear, linear
 
 EPS = 1e-5
 
@@ -48,8 +52,9 @@ def ste(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
 class BitLinear(nn.Linear):
     """A bias-free linear whose forward uses ternary weights and 8-bit activations."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, gemm: Gemm = NO_HOOKS):
         super().__init__(in_features, out_features, bias=False)
+        self.gemm = gemm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -58,7 +63,7 @@ class BitLinear(nn.Linear):
         with torch.no_grad():
             x_quant = quantize_activation(x.float()).to(x.dtype)
             w_quant = quantize_weight(w.float()).to(w.dtype)
-        return F.linear(ste(x, x_quant), ste(w, w_quant))
+        return linear(ste(x, x_quant), ste(w, w_quant), self.gemm)
 
 
 class TernaryLinear(nn.Module):
@@ -98,10 +103,11 @@ def to_inference(model: nn.Module) -> nn.Module:
     return model
 
 
-def make_linear(in_features: int, out_features: int, quant: str) -> nn.Linear:
-    """The layer factory's one switch: ternary BitLinear, or a dense bias-free baseline."""
+def make_linear(in_features: int, out_features: int, quant: str, gemm: Gemm = NO_HOOKS) -> nn.Linear:
+    """The layer factory's switch: ternary BitLinear, or a dense bias-free baseline; `gemm` holds the
+    GEMM hooks (an FP4/FP8 recipe, Collider's row filter) of model/linear.py."""
     if quant == "ternary":
-        return BitLinear(in_features, out_features)
+        return BitLinear(in_features, out_features, gemm)
     if quant == "none":
-        return nn.Linear(in_features, out_features, bias=False)
+        return Linear(in_features, out_features, gemm)
     raise ValueError(f"unknown quantization {quant!r}; choose 'ternary' or 'none'")

@@ -17,10 +17,14 @@ hyper-connection of model/mhc.py (the layer factory's `make_residual`); the stre
 the embedding and contracted before the final norm. With `[loop]` on, the blocks run `loop_steps`
 passes with an exit gate after each (model/looped.py); the KV cache has a slot per pass and layer.
 Both are off by default, and the model is then exactly the plain GPT.
+Every block linear and the head run their GEMMs through model/linear.py, whose hooks the layer factory
+fills: an `[fp4]` recipe (model/fp4.py; the first/last blocks and the head may stay in high precision)
+and, with `[collider]` on, the row filter of model/collider.py, set by the loss from the kept tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,6 +35,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ternchat.config import Config
 from ternchat.model.bitlinear import BitLinear, TernaryLinear, make_linear
+from ternchat.model.collider import make_collider
+from ternchat.model.fp4 import Quantizer, execution_path, make_recipe
+from ternchat.model.linear import NO_HOOKS, Gemm, Linear, RowFilter
 from ternchat.model.looped import make_loop, q_exit_steps
 from ternchat.model.mhc import PlainResidual, ResidualStreams, make_residual
 from ternchat.model.mtp import make_mtp
@@ -58,6 +65,14 @@ class GPTShape:
     loop_gate_k: float = 50.0
     loop_gate_gamma: float = 0.005
     loop_exit_threshold: float = 1.0  # Q-exit's q at generation; 1 = every pass
+    fp4_recipe: str = "none"  # GEMM precision recipe of model/fp4.py (training only)
+    fp4_bf16_first: int = 0  # blocks at the start whose linears stay in high precision
+    fp4_bf16_last: int = 0  # ... and at the end
+    fp4_head: bool = False  # the LM head's GEMMs under the recipe too
+    fp4_hadamard: int = 0  # random Hadamard block; 0 = the recipe's own
+    fp4_seed: int = 0
+    collider_filter_frac: float = 0.0  # share of tokens Collider filters; 0 = off (training only)
+    collider_reference: str = ""  # run folder of Rho-1's reference model; empty = score by the loss
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mtp_weights", tuple(self.mtp_weights))  # a list after a JSON round trip
@@ -76,7 +91,17 @@ class GPTShape:
             extra.update(loop_steps=loop.steps, loop_stage=loop.stage, loop_entropy_beta=loop.entropy_beta,
                          loop_gate_k=loop.gate_k, loop_gate_gamma=loop.gate_gamma,
                          loop_exit_threshold=loop.exit_threshold)
+        if cfg.fp4.recipe != "none":
+            f = cfg.fp4
+            extra.update(fp4_recipe=f.recipe, fp4_bf16_first=f.bf16_first_blocks, fp4_bf16_last=f.bf16_last_blocks,
+                         fp4_head=f.quantize_head, fp4_hadamard=f.hadamard_block, fp4_seed=f.seed)
+        if cfg.collider.enabled:
+            extra.update(collider_filter_frac=cfg.collider.filter_frac, collider_reference=cfg.collider.reference)
         return cls(vocab_size, m.depth, m.d_model, m.n_heads, m.d_ff or 4 * m.d_model, m.seq_len, m.quant, **extra)
+
+    def for_inference(self) -> "GPTShape":
+        """The same model without the training-only GEMM hooks (precision recipe, token filter)."""
+        return dataclasses.replace(self, fp4_recipe="none", collider_filter_frac=0.0, collider_reference="")
 
     @property
     def head_dim(self) -> int:
@@ -140,15 +165,15 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, s: GPTShape, layer: int):
+    def __init__(self, s: GPTShape, layer: int, gemm: Gemm = NO_HOOKS):
         super().__init__()
         self.layer, self.n_heads, self.head_dim = layer, s.n_heads, s.head_dim
-        self.q_proj = make_linear(s.d_model, s.d_model, s.quant)
-        self.k_proj = make_linear(s.d_model, s.d_model, s.quant)
-        self.v_proj = make_linear(s.d_model, s.d_model, s.quant)
+        self.q_proj = make_linear(s.d_model, s.d_model, s.quant, gemm)
+        self.k_proj = make_linear(s.d_model, s.d_model, s.quant, gemm)
+        self.v_proj = make_linear(s.d_model, s.d_model, s.quant, gemm)
         self.q_norm, self.k_norm = rms_norm(s.head_dim), rms_norm(s.head_dim)
         self.sub_norm = rms_norm(s.d_model)
-        self.o_proj = make_linear(s.d_model, s.d_model, s.quant)
+        self.o_proj = make_linear(s.d_model, s.d_model, s.quant, gemm)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.shape
@@ -169,21 +194,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, s: GPTShape):
+    def __init__(self, s: GPTShape, gemm: Gemm = NO_HOOKS):
         super().__init__()
-        self.up = make_linear(s.d_model, s.d_ff, s.quant)
+        self.up = make_linear(s.d_model, s.d_ff, s.quant, gemm)
         self.sub_norm = rms_norm(s.d_ff)
-        self.down = make_linear(s.d_ff, s.d_model, s.quant)
+        self.down = make_linear(s.d_ff, s.d_model, s.quant, gemm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.sub_norm(F.relu(self.up(x)).square()))
 
 
 class Block(nn.Module):
-    def __init__(self, s: GPTShape, layer: int, residual: Callable[[], nn.Module] = PlainResidual):
+    def __init__(self, s: GPTShape, layer: int, residual: Callable[[], nn.Module] = PlainResidual,
+                 gemm: Gemm = NO_HOOKS):
         super().__init__()
-        self.attn_norm, self.attn = rms_norm(s.d_model), Attention(s, layer)
-        self.mlp_norm, self.mlp = rms_norm(s.d_model), MLP(s)
+        self.attn_norm, self.attn = rms_norm(s.d_model), Attention(s, layer, gemm)
+        self.mlp_norm, self.mlp = rms_norm(s.d_model), MLP(s, gemm)
         self.attn_residual, self.mlp_residual = residual(), residual()  # x + F(x), or mHC's wiring
         self.recompute: Callable | None = None  # set by train/activation_checkpointing.py
 
@@ -197,15 +223,29 @@ class Block(nn.Module):
         return self.mlp_residual(x, lambda u: self.mlp(self.mlp_norm(u)))
 
 
+def gemm_hooks(shape: GPTShape, rows: RowFilter | None) -> tuple[list[Gemm], Gemm]:
+    """Each block's GEMM hooks and the head's: the precision recipe where it applies, and the row filter."""
+    quantizer = Quantizer(make_recipe(shape.fp4_recipe, shape.fp4_hadamard), shape.fp4_seed) \
+        if shape.fp4_recipe != "none" else None
+    quantized = range(shape.fp4_bf16_first, shape.depth - shape.fp4_bf16_last)
+    blocks = [Gemm(quantizer if i in quantized else None, rows) for i in range(shape.depth)]
+    return blocks, Gemm(quantizer if shape.fp4_head else None, rows)
+
+
 class GPT(nn.Module):
     def __init__(self, shape: GPTShape):
         super().__init__()
         self.shape = shape
         self.embed = nn.Embedding(shape.vocab_size, shape.d_model)
         self.streams = ResidualStreams(shape.mhc_streams)
-        self.blocks = nn.ModuleList(Block(shape, i, lambda: make_residual(shape)) for i in range(shape.depth))
+        self.collider = make_collider(shape.collider_filter_frac, shape.collider_reference)
+        if self.collider is not None and (shape.mtp_kind != "none" or shape.loop_steps > 1):
+            raise ValueError("Collider filters the plain next-token loss; it does not combine with MTP or a loop")
+        block_gemms, head_gemm = gemm_hooks(shape, self.collider.rows if self.collider is not None else None)
+        self.blocks = nn.ModuleList(Block(shape, i, lambda: make_residual(shape), block_gemms[i])
+                                    for i in range(shape.depth))
         self.final_norm = rms_norm(shape.d_model)
-        self.lm_head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
+        self.lm_head = Linear(shape.d_model, shape.vocab_size, head_gemm)
         self.mtp = make_mtp(shape, lambda layer: Block(shape, layer), rms_norm)  # plain residual: one block each
         self.loop = make_loop(shape)
         cos, sin = rotary_tables(shape.seq_len, shape.head_dim)
@@ -288,6 +328,9 @@ class GPT(nn.Module):
             if looped:
                 return self.loop.loss(list(z.unbind(0)), targets, self.final_norm, self.lm_head)
             logits = self.logits(z).float()
+            if self.collider is not None and torch.is_grad_enabled():
+                per_token = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+                return self.collider.loss(per_token, idx, targets)
             return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
 
         def last(z: torch.Tensor) -> torch.Tensor:
@@ -307,7 +350,9 @@ class GPT(nn.Module):
         """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, the cross-entropy instead
         (with MTP or a loop on and reduction 'mean', the training objective; else the next token's, a
         looped model's from its last pass). `exit_threshold` < 1: logits from Q-exit's pass per position."""
-        objective = self.mtp is not None or self.loop is not None
+        if self.collider is not None:
+            self.collider.rows.kept = None  # only the loss of this forward may set which rows' gradients flow
+        objective = self.mtp is not None or self.loop is not None or self.collider is not None
         if targets is not None and reduction == "mean" and cache is None and objective:
             return self.training_loss(idx, targets)
         states, _ = self.passes(idx, cache, exit_threshold)
@@ -344,7 +389,22 @@ class GPT(nn.Module):
         if self.loop is not None and self.loop.last_exit_step is not None:
             out["loop_pass_losses"] = [float(x) for x in self.loop.last_losses]
             out["loop_mean_exit_pass"] = float(self.loop.last_exit_step)
+        if self.collider is not None and self.collider.last_full_loss is not None:
+            out["collider_all_tokens_loss"] = float(self.collider.last_full_loss)
         return out
+
+    def gemm_notes(self, device: torch.device) -> list[str]:
+        """What the linears' GEMM hooks do on `device`, for the start of a run: the precision path, the filter."""
+        s, notes = self.shape, []
+        if s.fp4_recipe != "none":
+            kept = s.depth - s.fp4_bf16_first - s.fp4_bf16_last
+            notes.append(f"GEMMs: {execution_path(s.fp4_recipe, device)}; {kept} of {s.depth} blocks"
+                         f"{' and the head' if s.fp4_head else ''} under the recipe")
+        if self.collider is not None:
+            score = f"excess loss over {s.collider_reference}" if s.collider_reference else "loss"
+            notes.append(f"Collider: the {s.collider_filter_frac:.0%} of tokens with the lowest {score} are "
+                         "filtered; their gradients are dropped at every linear")
+        return notes
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters by kind: embedding, head, block matrices (ternary or dense), norm gains."""

@@ -14,7 +14,7 @@ import base64
 import hashlib
 import json
 import os
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +112,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, shape) -> dic
     """Verify and load a checkpoint into `model` and `optimizer`; return the trainer state."""
     verify_checkpoint(path)
     state = json.loads((path / "trainer.json").read_text())
-    if state.get("model_shape") != json.loads(json.dumps(asdict(shape))):  # as saved: tuples become lists
+    # As saved, tuples become lists; a field added since the checkpoint was written reads as its default.
+    defaults = {f.name: f.default for f in fields(shape) if f.default is not MISSING}
+    saved = {**json.loads(json.dumps(defaults)), **(state.get("model_shape") or {})}
+    if saved != json.loads(json.dumps(asdict(shape))):
         raise CheckpointError(f"checkpoint {path} is for model {state.get('model_shape')}, but this run builds "
                               f"{asdict(shape)}; resume with the run's own config")
     try:

@@ -171,6 +171,8 @@ class Trainer:
         log(f"model: {self.shape.depth} blocks x {self.shape.d_model}, {counts['total']:,} parameters: embedding "
             f"{counts['embedding']:,}, head {counts['head']:,}, {kind} block matrices {counts['block_matrices']:,}, "
             f"norm gains {counts['norm_gains']:,}")
+        for line in self.model.gemm_notes(self.device):
+            log(line)
         t = cfg.train
         self.train_loader = TokenLoader(shard_paths(data.shard_dir, "train"), t.batch_size, cfg.model.seq_len,
                                         seed=t.seed, tokenizer_hash=self.tok.hash, device=self.device,

@@ -1,0 +1,351 @@
+"""The linear layer's own GEMMs: unchanged values when off, FP4/FP8 formats and recipes, Collider."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ternchat.config import ConfigError, load_config
+from ternchat.model.bitlinear import BitLinear, quantize_activation, quantize_weight, ste
+from ternchat.model.collider import Collider
+from ternchat.model.fp4 import (GemmRecipe, Quantizer, fp8_gemm, make_recipe, quantize_mxfp4, quantize_nvfp4,
+                                quantize_nvfp4_2d, random_hadamard, round_e2m1, to_fp8)
+from ternchat.model.gpt import GPT, MLP, GPTShape, rms_norm
+from ternchat.model.linear import Gemm, Linear, RowFilter, linear
+
+
+def _grads(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+# ---------------------------------------------------------------- with nothing on, values as before
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_linear_with_nothing_on_gives_f_linears_values_and_gradients_bit_for_bit(autocast):
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, 96, requires_grad=True)
+    upstream = torch.randn(3, 40, 80)
+    dense, bit = Linear(96, 80), BitLinear(96, 80)
+    results = []
+    for layer in (dense, bit):
+        for use_own in (False, True):
+            x.grad = layer.weight.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                if isinstance(layer, BitLinear):
+                    if use_own:
+                        y = layer(x)
+                    else:  # the layer before it had its own GEMMs
+                        with torch.no_grad():
+                            xq = quantize_activation(x.float()).to(x.dtype)
+                            wq = quantize_weight(layer.weight.float()).to(layer.weight.dtype)
+                        y = F.linear(ste(x, xq), ste(layer.weight, wq))
+                else:
+                    y = layer(x) if use_own else F.linear(x, layer.weight)
+            (y.float() * upstream).sum().backward()
+            results.append((y.detach(), x.grad.clone(), layer.weight.grad.clone()))
+    for old, new in ((results[0], results[1]), (results[2], results[3])):
+        for a, b in zip(old, new):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_a_model_with_nothing_on_has_no_hooks():
+    model = GPT(GPTShape(512, 2, 64, 2, 256, 32, "ternary"))
+    gemms = [m.gemm for m in model.modules() if hasattr(m, "gemm")]
+    assert len(gemms) == 2 * 6 + 1 and all(g.quantizer is None and g.rows is None for g in gemms)
+    assert model.collider is None
+
+
+# ---------------------------------------------------------------- formats
+
+
+def test_e2m1_rounds_ties_to_even_and_saturates():
+    x = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.3, 2.6, 7.0, 100.0])
+    want = torch.tensor([0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 0.5, 3.0, 6.0, 6.0])
+    assert torch.equal(round_e2m1(x), want)
+    assert torch.equal(round_e2m1(-x), -want)
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    assert torch.equal(round_e2m1(grid), grid)  # representable values stay
+
+
+def test_stochastic_rounding_is_unbiased_where_round_to_nearest_is_not():
+    g = torch.Generator().manual_seed(0)
+    for value in (0.3, 1.1, 2.2, 4.9):
+        x = torch.full((200_000,), value)
+        draws = round_e2m1(x, stochastic=True, generator=g)
+        lo, hi = draws.min().item(), draws.max().item()
+        p = (value - lo) / (hi - lo)
+        sigma = (hi - lo) * (p * (1 - p) / x.numel()) ** 0.5
+        assert abs(draws.mean().item() - value) < 3 * sigma
+        assert abs(round_e2m1(x).mean().item() - value) > 10 * sigma  # nearest rounding is biased here
+    # MXFP4 with the 3/4 pre-scale: unbiased for whole blocks, the block maximum included
+    x = torch.randn(4, 64) * 3
+    mean = torch.stack([quantize_mxfp4(x, stochastic=True, generator=g) for _ in range(3000)]).mean(0)
+    assert (mean - x).abs().max() < 0.15 and (quantize_mxfp4(x) - x).abs().mean() > 2 * (mean - x).abs().mean()
+
+
+def test_nvfp4_2d_weight_quantization_commutes_with_transposition():
+    w = torch.randn(80, 96) * torch.logspace(-2, 1, 96)
+    assert torch.equal(quantize_nvfp4_2d(w).T, quantize_nvfp4_2d(w.T))
+    assert not torch.equal(quantize_nvfp4(w).T, quantize_nvfp4(w.T))  # 1x16 blocks do not commute
+
+
+def test_ternary_weights_are_exact_in_nvfp4():
+    w = quantize_weight(torch.randn(64, 96))
+    assert torch.equal(quantize_nvfp4_2d(w), w)
+    assert torch.equal(quantize_nvfp4(w), w)
+
+
+def test_random_hadamard_leaves_the_product_unchanged_and_spreads_outliers():
+    torch.manual_seed(0)
+    a, b = torch.randn(24, 100), torch.randn(40, 100)  # 100: padded to the block
+    signs = torch.randint(0, 2, (16,)).float() * 2 - 1
+    assert torch.allclose(random_hadamard(a, signs) @ random_hadamard(b, signs).T, a @ b.T, atol=1e-5)
+    spike = torch.zeros(1, 16)
+    spike[0, 3] = 1.0
+    assert torch.allclose(random_hadamard(spike, signs).abs(), torch.full((1, 16), 0.25))
+    # through the quantizer with the transform but no formats: the plain weight gradient
+    q = Quantizer(make_recipe("nvfp4"), seed=1)
+    dy, x = torch.randn(50, 32), torch.randn(50, 48)
+    transformed = q.gemm(dy.t().contiguous(), x.t().contiguous(), GemmRecipe(hadamard=16))
+    assert torch.allclose(transformed, dy.t() @ x, atol=1e-5)
+
+
+def test_fp8_scaled_mm_and_its_emulation_multiply_the_same_fp8_values():
+    torch.manual_seed(0)
+    a, b = torch.randn(32, 72), torch.randn(48, 72)  # 72: _scaled_mm's operands get padded to 80
+    recipe = make_recipe("fp8")
+    emulated = Quantizer(recipe, 0).gemm(a, b, recipe.input_grad)  # no FP8 tensor cores here
+    a8, sa = to_fp8(a, "e5m2")
+    b8, sb = to_fp8(b, "e4m3")
+    assert torch.equal(emulated, (a8.float() * sa) @ (b8.float() * sb).T)
+    real = fp8_gemm(a, b, recipe.input_grad, torch.float32, real=True)  # torch._scaled_mm, as on a GPU
+    assert torch.allclose(real, emulated, rtol=1e-5, atol=1e-5)
+    assert (real - a @ b.T).abs().max() < 0.1 * (a @ b.T).abs().max()
+
+
+def _torchao():
+    try:
+        from torchao.prototype.mx_formats import kernels, mx_tensor, nvfp4_tensor
+    except ImportError as e:  # the set-up script's test extras install it
+        pytest.fail(f"torchao is needed for the reference check: {e}")
+    return kernels, mx_tensor, nvfp4_tensor
+
+
+def test_quantizers_match_torchaos_reference_casts():
+    kernels, mx_tensor, nvfp4_tensor = _torchao()
+    torch.manual_seed(0)
+    x = torch.randn(16, 128) * torch.logspace(-3, 2, 128)
+    v = torch.linspace(-7, 7, 2001)
+    assert torch.equal(round_e2m1(v), kernels.f4_unpacked_to_f32(kernels.f32_to_f4_unpacked(v)))
+    scale, data = mx_tensor.to_mx(x.contiguous(), torch.float4_e2m1fn_x2, 32)
+    ao_mx = kernels.f4_unpacked_to_f32(kernels.unpack_uint4(data.view(torch.uint8))).view(16, 4, 32) \
+        * mx_tensor.get_fp_scale(scale).view(16, 4, 1)
+    assert torch.equal(quantize_mxfp4(x), ao_mx.view(16, 128))
+    tensor_scale = nvfp4_tensor.per_tensor_amax_to_scale(x.abs().amax())
+    block_scale, data = nvfp4_tensor.nvfp4_quantize(x.contiguous(), 16, tensor_scale)
+    ao_nv = kernels.f4_unpacked_to_f32(kernels.unpack_uint4(data)).view(16, 8, 16) \
+        * (tensor_scale * block_scale.float()).view(16, 8, 1)
+    assert torch.equal(quantize_nvfp4(x), ao_nv.view(16, 128))
+
+
+# ---------------------------------------------------------------- recipes in a model
+
+
+@pytest.mark.parametrize("recipe", ["mxfp4_backward", "nvfp4", "fp8"])
+def test_each_recipe_trains_a_model_from_config(recipe):
+    cfg = load_config(overrides=["model.depth=3", "model.d_model=64", "model.n_heads=2", "model.seq_len=32",
+                                 f"fp4.recipe={recipe}", "fp4.quantize_head=true"])
+    torch.manual_seed(0)
+    model = GPT(GPTShape.from_config(cfg, 256))
+    hooks = [m.gemm.quantizer for m in model.modules() if hasattr(m, "gemm")]
+    assert hooks[-1] is not None and sum(h is None for h in hooks) == 6  # the last block stays high precision
+    idx = torch.randint(0, 256, (4, 32))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = model(idx, idx.roll(-1, 1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_mxfp4_backward_gradients_are_unbiased_through_the_whole_model():
+    """Tseng et al.'s point: stochastic rounding (with the 3/4 pre-scale) and the RHT leave every backward
+    GEMM unbiased, so the mean of many quantized gradients approaches the exact one."""
+    sets = ["model.depth=3", "model.d_model=64", "model.n_heads=2", "model.seq_len=32", "fp4.bf16_last_blocks=0"]
+    torch.manual_seed(0)
+    model = GPT(GPTShape.from_config(load_config(overrides=[*sets, "fp4.recipe=mxfp4_backward"]), 256))
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.05) if p.dim() == 2 else None
+    plain = GPT(GPTShape.from_config(load_config(overrides=sets), 256))
+    plain.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 256, (4, 32))
+    plain(idx, idx.roll(-1, 1)).backward()
+    exact = plain.blocks[0].mlp.up.weight.grad
+    draws = []
+    for _ in range(120):
+        model.zero_grad()
+        model(idx, idx.roll(-1, 1)).backward()
+        draws.append(model.blocks[0].mlp.up.weight.grad.clone())
+    error = lambda g: ((g - exact).norm() / exact.norm()).item()
+    single, mean = error(draws[0]), error(torch.stack(draws).mean(0))
+    # an unbiased estimate's mean of n draws errs by ~ single / sqrt(n); a bias would stop it there
+    assert single > 0.1 and mean < 2 * single / len(draws) ** 0.5
+
+
+def test_fp4_config_errors_name_the_keys():
+    with pytest.raises(ConfigError, match="fp4.recipe"):
+        load_config(overrides=["fp4.recipe=int4"])
+    with pytest.raises(ConfigError, match="bf16_last_blocks"):
+        load_config(overrides=["model.depth=2", "fp4.recipe=nvfp4", "fp4.bf16_last_blocks=2"])
+    with pytest.raises(ConfigError, match="hadamard_block"):
+        load_config(overrides=["fp4.recipe=nvfp4", "fp4.hadamard_block=24"])
+    with pytest.raises(ConfigError, match="collider"):
+        load_config(overrides=["collider.enabled=true", "mtp.kind=modules"])
+
+
+# ---------------------------------------------------------------- Collider
+
+
+def test_the_gathered_weight_gradient_equals_the_zero_row_gemm():
+    torch.manual_seed(0)
+    rows = RowFilter()
+    rows.kept, rows.total = torch.randperm(256)[:150].sort().values, 256
+    x = torch.randn(256, 96, requires_grad=True)
+    w = torch.randn(80, 96, requires_grad=True)
+    upstream = torch.randn(256, 80)
+    linear(x, w, Gemm(rows=rows)).mul(upstream).sum().backward()
+    mask = torch.zeros(256, 1)
+    mask[rows.kept] = 1
+    x0, w0 = x.detach().requires_grad_(), w.detach().clone().requires_grad_()
+    F.linear(x0, w0).mul(upstream * mask).sum().backward()
+    assert torch.allclose(w.grad, w0.grad, rtol=1e-6, atol=1e-6) and torch.equal(x.grad, x0.grad)
+    assert (x.grad[mask[:, 0] == 0] == 0).all()
+
+
+class _MLPOnly(nn.Module):
+    """Embedding, two pre-norm MLP blocks and a head: tokens never mix."""
+
+    def __init__(self, rows: RowFilter | None):
+        super().__init__()
+        shape = GPTShape(64, 2, 32, 2, 128, 16, "ternary")
+        gemm = Gemm(rows=rows)
+        self.embed = nn.Embedding(64, 32)
+        self.norms = nn.ModuleList(rms_norm(32) for _ in range(2))
+        self.mlps = nn.ModuleList(MLP(shape, gemm) for _ in range(2))
+        self.head = Linear(32, 64, gemm)
+        for mlp in self.mlps:
+            nn.init.normal_(mlp.down.weight, std=0.1)
+
+    def per_token_loss(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx)
+        for norm, mlp in zip(self.norms, self.mlps):
+            x = x + mlp(norm(x))
+        logits = self.head(x)
+        return F.cross_entropy(logits.view(-1, 64), idx.roll(-1, 1).reshape(-1), reduction="none")
+
+
+def test_collider_on_an_mlp_only_model_gives_the_masked_loss_gradients():
+    torch.manual_seed(0)
+    collider = Collider(0.4)
+    model = _MLPOnly(collider.rows)
+    reference = _MLPOnly(None)
+    reference.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 64, (4, 16))
+    collider.loss(model.per_token_loss(idx), idx, idx).backward()
+    assert collider.rows.kept.numel() == 64 - 26
+    mask = torch.zeros(64)
+    mask[collider.rows.kept] = 1
+    (reference.per_token_loss(idx) * mask).sum().div(mask.sum()).backward()
+    ours, want = _grads(model), _grads(reference)
+    assert ours.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(ours[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_collider_with_attention_equals_zeroing_filtered_rows_at_every_layer():
+    torch.manual_seed(0)
+    cfg = load_config(overrides=["model.depth=2", "model.d_model=64", "model.n_heads=2", "model.seq_len=32",
+                                 "collider.enabled=true", "collider.filter_frac=0.5"])
+    model = GPT(GPTShape.from_config(cfg, 128))
+    for p in model.parameters():  # the silent residual branches of the init would hide attention's mixing
+        nn.init.normal_(p, std=0.1) if p.dim() == 2 else None
+    reference = GPT(GPTShape.from_config(load_config(overrides=["model.depth=2", "model.d_model=64",
+                                                                "model.n_heads=2", "model.seq_len=32"]), 128))
+    reference.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 128, (2, 32))
+    model(idx, idx.roll(-1, 1)).backward()
+    kept = model.collider.rows.kept
+    keep = torch.zeros(64, dtype=torch.bool)
+    keep[kept] = True
+
+    def zero_filtered_rows(module, inputs, output):
+        output.register_hook(lambda g: g * keep.view(*g.shape[:-1], 1).to(g.dtype))
+
+    for m in reference.modules():
+        if isinstance(m, nn.Linear):
+            m.register_forward_hook(zero_filtered_rows)
+    logits = reference(idx)
+    per_token = F.cross_entropy(logits.view(-1, 128), idx.roll(-1, 1).reshape(-1), reduction="none")
+    (per_token * keep).sum().div(keep.sum()).backward()
+    ours, want = _grads(model), _grads(reference)
+    for name in want:
+        torch.testing.assert_close(ours[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    # and it differs from the masked-loss gradient: attention carries gradient through filtered tokens
+    masked = GPT(reference.shape)
+    masked.load_state_dict(model.state_dict())
+    logits = masked(idx)
+    per_token = F.cross_entropy(logits.view(-1, 128), idx.roll(-1, 1).reshape(-1), reduction="none")
+    (per_token * keep).sum().div(keep.sum()).backward()
+    assert not torch.allclose(masked.blocks[0].attn.k_proj.weight.grad, ours["blocks.0.attn.k_proj.weight"])
+
+
+def test_collider_keeps_the_highest_scores_and_the_excess_loss_subtracts_the_reference():
+    collider = Collider(0.5)
+    loss = torch.tensor([0.1, 3.0, 0.2, 2.0, 5.0, 0.0])
+    assert collider.loss(loss, None, None).item() == pytest.approx(10 / 3)
+    assert collider.rows.kept.tolist() == [1, 3, 4]
+    collider.reference_run = "unused"
+    collider.reference_loss = lambda idx, targets: torch.tensor([0.0, 2.9, 0.0, 0.0, 5.0, 0.0])
+    collider.loss(loss, None, None)
+    assert collider.rows.kept.tolist() == [0, 2, 3]  # excess 0.1, 0.1 (first of the ties), 0.2, 2.0
+
+
+def test_a_stale_row_filter_is_refused_and_evaluation_ignores_collider():
+    cfg = load_config(overrides=["model.depth=1", "model.d_model=32", "model.n_heads=2", "model.seq_len=16",
+                                 "collider.enabled=true"])
+    model = GPT(GPTShape.from_config(cfg, 64))
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        full = model(idx, idx)
+    plain = F.cross_entropy(model(idx).view(-1, 64), idx.reshape(-1))
+    assert torch.allclose(full, plain)
+    model.collider.rows.kept, model.collider.rows.total = torch.arange(3), 7
+    with pytest.raises(RuntimeError, match="row filter"):
+        model.lm_head(torch.randn(2, 16, 32, requires_grad=True)).sum().backward()
+
+
+def test_a_run_with_fp4_and_collider_resumes_exactly(tmp_path, overrides, stop_and_resume):
+    from ternchat.runs import load_model_and_tokenizer
+    from ternchat.train.trainer import train
+
+    cfg = load_config(overrides=[*overrides, "fp4.recipe=mxfp4_backward", "fp4.bf16_last_blocks=0",
+                                 "collider.enabled=true", "train.max_steps=4", "train.checkpoint_every=2"])
+    run = tmp_path / "run"
+    first = stop_and_resume(cfg, run, 4)
+    assert all("collider_all_tokens_loss" in r for r in first if "loss" in r)
+    model, _ = load_model_and_tokenizer(run)
+    assert model.shape.fp4_recipe == "none" and model.collider is None  # inference runs without the hooks
+    # Rho-1's excess loss against that run as the reference model
+    excess = load_config(overrides=[*overrides, "collider.enabled=true", f"collider.reference={json.dumps(str(run))}",
+                                    "train.max_steps=2"])
+    train(excess, tmp_path / "excess", log=lambda _: None)
+    rows = [json.loads(line) for line in (tmp_path / "excess" / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if "collider_all_tokens_loss" in r]) == 2
