@@ -92,6 +92,8 @@ def test_nvfp4_2d_weight_quantization_commutes_with_transposition():
     w = torch.randn(80, 96) * torch.logspace(-2, 1, 96)
     assert torch.equal(quantize_nvfp4_2d(w).T, quantize_nvfp4_2d(w.T))
     assert not torch.equal(quantize_nvfp4(w).T, quantize_nvfp4(w.T))  # 1x16 blocks do not commute
+    for quantizer in (quantize_nvfp4, quantize_mxfp4):  # a transposed view (the weight-gradient operands)
+        assert torch.equal(quantizer(w.T), quantizer(w.T.contiguous()))
 
 
 def test_ternary_weights_are_exact_in_nvfp4():

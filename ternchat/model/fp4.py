@@ -80,7 +80,7 @@ def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
     k = x.shape[-1]
     pad = -k % block
     x = torch.nn.functional.pad(x.float(), (0, pad)) if pad else x.float()
-    return x.view(*x.shape[:-1], -1, block), k
+    return x.reshape(*x.shape[:-1], -1, block), k  # reshape: an operand may be a transposed view
 
 
 def _unblock(q: torch.Tensor, k: int) -> torch.Tensor:
