@@ -15,7 +15,7 @@ matrices whole to their owners (value and gradient, fp32).
   FOAM 8 / 2^l B;
 - activations saved for backward under bf16 autocast: per token and block 58 d + 12 d_ff +
   16 heads bytes (the quantized input is saved once for each of q, k and v), per token 10 d + 4 V
-  for embedding, final norm and logits, and a bf16 copy of every ternary matrix (2 B per value). These
+  for embedding, final norm and logits, and a bf16 copy of every matrix (2 B per value). These
   coefficients were counted with autograd's saved-tensor hooks on this model (`tests/test_plan.py`
   re-counts them). With `train.activation_checkpointing = "full"` each block keeps only its fp32
   input (4 d per token); "selective" keeps also the matmul and attention outputs and the
@@ -227,13 +227,11 @@ def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gp
         block_state = sum(matrix_state_bytes(r, c, o, 1.0) for r, c in trunk[:len(trunk) // s.depth])
         optimizer_workspace += 8.0 * block_values + block_state
     recompute = cfg.train.activation_checkpointing
-    # The bf16 copy of each ternary matrix that the forward saves for backward (its quantized weight, cast):
-    # every block's, or with recompute only the block being recomputed. A looped model's ternary weights are
-    # quantized again in each pass, so each pass saves its own copy. Parameters used as they are (dense
-    # matrices, the head) are cast inside the linear's GEMMs and add nothing.
+    # The bf16 copy of each matrix that the forward saves for backward (autocast's cast, or the gathered
+    # copy under FSDP2): every block's, or with recompute only the block being recomputed.
+    # A looped model's ternary weights are quantized again in each pass, so each pass saves its own copy.
     looped_copies = (s.loop_steps - 1) * sum(r * c for r, c in block_matrices(s))
-    weight_copies = 2 * (block_values if recompute != "none" else matrix_params + looped_copies) \
-        if s.quant == "ternary" else 0
+    weight_copies = 2 * ((block_values if recompute != "none" else matrix_params + looped_copies) + embed_head / 2)
 
     def components(batch: int) -> dict[str, float]:
         tokens = batch * s.seq_len

@@ -26,11 +26,14 @@ def _grads(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_the_linear_with_nothing_on_gives_f_linears_values_and_gradients_bit_for_bit(autocast):
+def test_the_linears_own_gemms_with_idle_hooks_give_f_linears_values_and_gradients_bit_for_bit(autocast):
     torch.manual_seed(0)
     x = torch.randn(3, 40, 96, requires_grad=True)
     upstream = torch.randn(3, 40, 80)
-    dense, bit = Linear(96, 80), BitLinear(96, 80)
+    idle = Gemm(rows=RowFilter())  # a row filter with nothing filtered: the own autograd function runs
+    dense, bit = Linear(96, 80, idle), BitLinear(96, 80, idle)
+    assert type(dense(x).grad_fn).__name__ == "_LinearGemmsBackward"
+    assert type(Linear(96, 80)(x).grad_fn).__name__ != "_LinearGemmsBackward"  # no hooks: F.linear itself
     results = []
     for layer in (dense, bit):
         for use_own in (False, True):

@@ -1,8 +1,11 @@
 """The linear layer's three GEMMs, written out so that a recipe can quantize them and Collider shrink them.
 
 `linear(x, w, gemm)` is F.linear(x, w) with its own autograd function: forward Y = X W^T, backward
-dX = dY W and dW = dY^T X, on the flattened rows of X. With nothing switched on it computes exactly
-what F.linear's autograd computes (tested bit for bit, under autocast too). Two hooks live in `Gemm`:
+dX = dY W and dW = dY^T X, on the flattened rows of X. With its hooks present but idle it computes
+exactly what F.linear's autograd computes (tested bit for bit, under autocast too); with no hook at all
+it calls F.linear, so a model without the features below runs PyTorch's own backward (a Python-level
+backward hands FSDP2's gloo reductions gradients that carry Python objects, and gloo's worker threads
+then need the GIL when they drop them). Two hooks live in `Gemm`:
 - `quantizer` (model/fp4.py): each GEMM's operands quantized as the `[fp4]` recipe says;
 - `rows` (model/collider.py): when set, the rows (tokens) whose gradients flow. The backward then
   treats every other row of dY as zero, as Collider does: dX is computed for the kept rows only and is
@@ -83,7 +86,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, gemm: Gemm = NO_HOOKS) -> torch.Ten
     dtype: the input is cast as autocast would, and so is a computed weight (BitLinear's quantized one),
     whose low-precision copy is what backward keeps; a parameter is kept as it is and cast where a GEMM
     uses it, so a weight used several times in one forward (a looped model's head) is not kept once per
-    use, and the values and gradients stay autocast's, bit for bit."""
+    use, and the values and gradients stay autocast's, bit for bit. With no hook set it is F.linear
+    itself: PyTorch's own backward, nothing added."""
+    if gemm.quantizer is None and gemm.rows is None:
+        return F.linear(x, w)
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         with torch.autocast(x.device.type, enabled=False):
