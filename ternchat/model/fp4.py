@@ -36,6 +36,7 @@ beta: beta / scale lies in [4, 8) and rounds to 4 or 6.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -50,15 +51,22 @@ RECIPES = ("mxfp4_backward", "nvfp4", "fp8")
 HADAMARD_BLOCK = {"mxfp4_backward": 64, "nvfp4": 16, "fp8": 0}  # the recipes' own sizes; 0 = none
 
 
-def _grid(device: torch.device) -> torch.Tensor:
-    return torch.tensor(E2M1_VALUES, device=device)
+@functools.lru_cache(maxsize=None)
+def _grid(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """E2M1's non-negative values and the round-to-nearest thresholds between them, made once per device.
+    A tie goes to the neighbour with an even code (0, 1, 2, 4): the midpoints whose upper neighbour is even
+    are nudged down one ulp so that the tie lands above."""
+    grid = torch.tensor(E2M1_VALUES, device=device)
+    mid = (grid[1:] + grid[:-1]) / 2
+    upper_even = torch.tensor([False, True, False, True, False, True, False], device=device)
+    return grid, torch.where(upper_even, torch.nextafter(mid, torch.zeros_like(mid)), mid)
 
 
 def round_e2m1(v: torch.Tensor, stochastic: bool = False, generator: torch.Generator | None = None
                ) -> torch.Tensor:
     """`v` (already divided by its scale, fp32) rounded to E2M1 values, saturating at +-6: to nearest with
     ties to even, or stochastically (unbiased inside [-6, 6])."""
-    grid = _grid(v.device)
+    grid, thresholds = _grid(v.device)
     a = v.abs().clamp(max=E2M1_MAX).contiguous()
     if stochastic:
         lo_index = (torch.bucketize(a, grid, right=True) - 1).clamp(max=len(E2M1_VALUES) - 2)
@@ -66,12 +74,7 @@ def round_e2m1(v: torch.Tensor, stochastic: bool = False, generator: torch.Gener
         up = torch.rand(a.shape, device=a.device, generator=generator) < (a - lo) / (hi - lo)
         q = torch.where(up, hi, lo)
     else:
-        # Midpoints between neighbours; a tie goes to the neighbour with an even code (0, 1, 2, 4): the
-        # midpoints whose upper neighbour is even are nudged down one ulp so that the tie lands above.
-        mid = (grid[1:] + grid[:-1]) / 2
-        upper_even = torch.tensor([False, True, False, True, False, True, False], device=v.device)
-        mid = torch.where(upper_even, torch.nextafter(mid, torch.zeros_like(mid)), mid)
-        q = grid[torch.bucketize(a, mid)]
+        q = grid[torch.bucketize(a, thresholds)]
     return q.copysign(v)
 
 
@@ -256,10 +259,15 @@ class Quantizer:
     def __init__(self, recipe: Recipe, seed: int):
         self.recipe = recipe
         self.seed = seed
+        self._fixed_signs: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def signs(self, n: int, device: torch.device) -> torch.Tensor:
-        g = None if self.recipe.fresh_signs else torch.Generator(device=device).manual_seed(self.seed)
-        return torch.randint(0, 2, (n,), device=device, generator=g).float() * 2 - 1
+        if self.recipe.fresh_signs:
+            return torch.randint(0, 2, (n,), device=device).float() * 2 - 1
+        if (n, device) not in self._fixed_signs:
+            g = torch.Generator(device=device).manual_seed(self.seed)
+            self._fixed_signs[n, device] = torch.randint(0, 2, (n,), device=device, generator=g).float() * 2 - 1
+        return self._fixed_signs[n, device]
 
     def gemm(self, a: torch.Tensor, b: torch.Tensor, g: GemmRecipe) -> torch.Tensor:
         """A (M, K) @ B (N, K)^T under GEMM recipe `g`, returned in A's dtype."""
