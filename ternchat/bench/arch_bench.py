@@ -1,8 +1,8 @@
 """`ternchat bench arch`: mHC hyper-connections and LoopLM against the plain GPT.
 
 The same model shape, seed and batches trained for the same number of steps, each variant in its
-own process (eager unless `--set train.compile=true`): plain, mHC (n = 4), unconstrained HC (the paper's ablation), LoopLM with T = 2 and 4,
-and mHC with LoopLM T = 4. Reported: validation bits per byte (a looped model's from its last pass),
+own process (eager unless `--set train.compile=true`): plain, mHC (n = 4), unconstrained HC (the
+paper's ablation), LoopLM with T = 2 and 4, and mHC with LoopLM T = 4. Reported: validation bits per byte (a looped model's from its last pass),
 training tokens/s and its ratio to the plain model's (mHC's overhead), peak resident memory and
 parameters. For the hyper-connection variants, the composite gain on a validation batch: the product
 of every sublayer's H_res, first block to last, and its largest absolute row sum (forward) and column
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from ternchat.bench.runs import measure_in_subprocess
+from ternchat.bench.runs import measure_in_subprocess, variants_table_head
 from ternchat.train.report import machine
 
 VARIANTS: dict[str, list[str]] = {
@@ -121,9 +121,8 @@ def bench_arch(config: str | None, overrides: list[str], steps: int, log=print) 
 
 def format_arch(report: dict) -> str:
     base = report["variants"][0]
-    lines = [f"Machine: {report['machine']}; {report['steps']} steps per variant, same seed and batches.", "",
-             "| variant | params | val bpb | vs plain | train tok/s | vs plain | peak RSS | composite gain fwd / bwd |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = variants_table_head(report, ["variant", "params", "val bpb", "vs plain", "train tok/s", "vs plain",
+                                         "peak RSS", "composite gain fwd / bwd"])
     for r in report["variants"]:
         gain = r.get("probe", {}).get("composite_gain")
         gain_text = f"{gain['forward_gain']:.4f} / {gain['backward_gain']:.4f}" if gain else "-"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ternchat.bench.runs import measure_in_subprocess
+from ternchat.bench.runs import measure_in_subprocess, variants_table_head
 from ternchat.config import load_config
 from ternchat.model.fp4 import Operand, execution_path, quantize, random_hadamard
 from ternchat.train.report import machine
@@ -128,9 +128,8 @@ def bench_precision(config: str | None, overrides: list[str], steps: int, log=pr
 
 def format_precision(report: dict) -> str:
     base = report["variants"][0]
-    lines = [f"Machine: {report['machine']}; {report['steps']} steps per variant, same seed and batches.", "",
-             "| GEMMs | val bpb | vs high precision | train tok/s | vs high precision | path |",
-             "|---|---|---|---|---|---|"]
+    lines = variants_table_head(report, ["GEMMs", "val bpb", "vs high precision", "train tok/s",
+                                         "vs high precision", "path"])
     for r in report["variants"]:
         lines.append(f"| {r['name']} | {r['val_bpb']:.4f} | {100 * (r['val_bpb'] / base['val_bpb'] - 1):+.2f}% | "
                      f"{r['tok_s']:,.0f} | {r['tok_s'] / base['tok_s']:.2f}x | {r['path']} |")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
-from ternchat.bench.runs import measure_in_subprocess
+from ternchat.bench.runs import measure_in_subprocess, variants_table_head
 from ternchat.train.report import machine
 
 VARIANTS: dict[str, list[str]] = {
@@ -63,9 +63,8 @@ def bench_mtp(config: str | None, overrides: list[str], steps: int, decode_token
 
 def format_mtp(report: dict) -> str:
     base = report["variants"][0]
-    lines = [f"Machine: {report['machine']}; {report['steps']} steps per variant, same seed and batches.", "",
-             "| variant | params | val bpb (next token) | vs without | train tok/s | peak RSS |",
-             "|---|---|---|---|---|---|"]
+    lines = variants_table_head(report, ["variant", "params", "val bpb (next token)", "vs without", "train tok/s",
+                                         "peak RSS"])
     for r in report["variants"]:
         lines.append(f"| {r['name']} | {r['params']:,} | {r['val_bpb']:.4f} | "
                      f"{100 * (r['val_bpb'] / base['val_bpb'] - 1):+.2f}% | {r['tok_s']:,.0f} | "

@@ -55,6 +55,13 @@ def measure(config: str | None, overrides: list[str], steps: int, decode_tokens:
             **({"probe": probed} if probed is not None else {})}
 
 
+def variants_table_head(report: dict, columns: list[str]) -> list[str]:
+    """The opening lines of a bench report that trained each variant: the machine and steps, then the
+    header of a markdown table with `columns`."""
+    return [f"Machine: {report['machine']}; {report['steps']} steps per variant, same seed and batches.", "",
+            "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def _resolve(probe: str):
     import importlib
 
