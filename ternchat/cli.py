@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -47,10 +48,14 @@ def _data_overrides(args: argparse.Namespace) -> list[str]:
         extra.append(f"data.sources={json.dumps(args.source)}")
     if args.debian:
         extra.append("data.debian=true")
+        if args.debian != "curated":
+            extra.append(f"data.debian_crates={json.dumps(args.debian)}")
     if args.no_debian:
         extra.append("data.debian=false")
     if args.crates_file:
         extra.append(f"data.debian_crates={json.dumps(args.crates_file)}")
+    if args.rust_src:
+        extra.append("data.rust_src=true")
     if args.no_auto:
         extra.append("data.auto_discover=false")
     if args.hf:
@@ -72,9 +77,14 @@ def cmd_data(args: argparse.Namespace) -> int:
         limits = Limits(allow_unisolated=args.allow_unisolated or cfg.eval.allow_unisolated)
         checked_isolation(limits)
         art = prepare_data(cfg, until="corpus", force=args.force)
-        counts = verify_corpus(art.corpus_dir, ternchat_home() / "verify", args.limit, limits=limits)
-        print(f"compile tags of {counts['files']} files ({counts['checked_now']} checked now): "
-              + ", ".join(f"{tag} {counts[tag]}" for tag in ("compiles", "parses", "syntax_error", "unchecked"))
+        start = time.perf_counter()
+        counts = verify_corpus(art.corpus_dir, ternchat_home() / "verify", args.limit, cfg.data.workers,
+                               limits=limits)
+        total = sum(counts["bytes"].values()) or 1
+        print(f"compile tags of {counts['files']} files ({counts['checked_now']} checked now in "
+              f"{time.perf_counter() - start:.0f} s): "
+              + ", ".join(f"{tag} {counts[tag]} ({100 * counts['bytes'][tag] / total:.1f}% of bytes)"
+                          for tag in ("compiles", "parses", "syntax_error", "unchecked"))
               + f" -> {art.corpus_dir / 'compile_tags.jsonl'}")
         return 0
     art = prepare_data(cfg, until=args.step, force=args.force, eval_tokenizer=args.eval)
@@ -118,7 +128,6 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import codecs
-    import time
 
     from ternchat.eval.engine import SpeculationStats, generate
     from ternchat.runs import load_model_and_tokenizer
@@ -134,8 +143,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     stats, passes = SpeculationStats(), []
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     text, count, start = "", 0, time.perf_counter()
+    if args.fim_suffix is not None:  # fill in the middle: prefix and suffix in, the middle streamed between
+        from ternchat.data.fim import fim_prompt
+
+        prompt_ids = fim_prompt(args.prompt, args.fim_suffix, tok)
+    else:
+        prompt_ids = tok.encode(args.prompt)
     sys.stdout.write(args.prompt)
-    for token in generate(model, tok.encode(args.prompt), args.max_tokens, temperature=args.temperature,
+    for token in generate(model, prompt_ids, args.max_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=[tok.eod_id],
                           speculative=args.speculative, stats=stats, exit_threshold=args.exit_threshold,
                           passes_run=passes):
@@ -149,6 +164,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         if hit is not None:
             break
+    if args.fim_suffix is not None:
+        sys.stdout.write(args.fim_suffix)
     seconds = time.perf_counter() - start
     speculation = ""
     if args.speculative:
@@ -218,6 +235,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         report = bench_arch(args.config, args.overrides, args.optim_steps)
         _report(args, report, format_arch)
+        return 0
+    if args.what == "loader":
+        from ternchat.bench.loader_bench import bench_loader, format_loader
+
+        _report(args, bench_loader(args.config, args.overrides, args.optim_steps, workers=args.workers or 1),
+                format_loader)
         return 0
     if args.what in ("precision", "collider"):
         from ternchat.bench import gemm_bench
@@ -363,11 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--source", action="append", metavar="DIR", default=[],
                    help="a directory of Rust sources to add (repeatable)")
-    p.add_argument("--debian", action="store_true",
-                   help="use the ~166 curated crates from Debian's librust-*-dev packages (~100 MB; "
-                        "on by default in the shipped presets)")
+    p.add_argument("--debian", nargs="?", const="curated", metavar="LIST",
+                   help="use crates from Debian's librust-*-dev packages: the ~166 curated ones (~100 MB; on by "
+                        "default in the shipped presets), or with LIST 'all' every real-crate package of this "
+                        "Debian release (~1,400 in Debian 12), or a file of package names")
     p.add_argument("--no-debian", action="store_true", help="do not fetch the curated Debian crates")
     p.add_argument("--crates-file", metavar="FILE", help="with --debian: a file of package names to use instead")
+    p.add_argument("--rust-src", action="store_true", help="add the standard library's sources (Debian's rust-src)")
     p.add_argument("--no-auto", action="store_true",
                    help="do not scan this machine's Rust sources (Debian registry, rust-src, ~/.cargo)")
     p.add_argument("--hf", metavar="DATASET", help="add Rust files from a Hugging Face dataset ('hf' extra)")
@@ -394,7 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Stream a completion of --prompt from a run folder (latest checkpoint) or a "
                                    "packed model file.")
     p.add_argument("--run", type=Path, required=True, metavar="PATH", help="run folder or packed .safetensors")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text to continue (with --fim-suffix: the prefix)")
+    p.add_argument("--fim-suffix", metavar="TEXT", default=None,
+                   help="fill in the middle: generate what goes between --prompt and TEXT (a model trained with "
+                        "loader.fim_rate > 0); prints prefix, middle and suffix")
     p.add_argument("--max-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="0 = off")
@@ -434,9 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "speculative against plain decoding from the MTP models. bench arch: the plain "
                                    "model against mHC, unconstrained HC, LoopLM (T 2, 4) and mHC with LoopLM. "
                                    "bench precision: high-precision GEMMs against each [fp4] recipe. bench collider: "
-                                   "step times and val bpb at 0/20/40/60% of tokens filtered.")
+                                   "step times and val bpb at 0/20/40/60% of tokens filtered. bench loader: data wait "
+                                   "per step with 10% slow samples, in-process and in-order loaders against "
+                                   "MinatoLoader.")
     p.add_argument("what", choices=["train", "eval", "optim", "sweep", "dedup", "dist", "scale", "mtp", "arch",
-                                    "precision", "collider"],
+                                    "precision", "collider", "loader"],
                    help="train: training throughput and memory; eval: sandboxed compile+run evaluations per second; "
                         "optim: the memory-efficient optimizers against Muon and AdamW; sweep: validation loss "
                         "over a grid of config values; dedup: rensa's MinHash against datasketch's on the corpus; "
@@ -444,16 +474,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "mtp: multi-token prediction's val bpb and speculative decoding; arch: mHC and LoopLM "
                         "against the plain model (val bpb, tok/s, memory, composite gain, Q-exit); precision: FP4/FP8 "
                         "recipes (val bpb, loss curve, quantization error, GPU GEMM throughput); collider: backward "
-                        "and step time and val bpb per filtered fraction")
+                        "and step time and val bpb per filtered fraction; loader: the share of step time spent "
+                        "waiting for data with slow samples, per loader")
     p.add_argument("--optim-steps", type=int, default=100,
-                   help="optim, sweep, dist, mtp, arch, precision, collider: training steps per run")
+                   help="optim, sweep, dist, mtp, arch, precision, collider, loader: training steps per run")
     p.add_argument("--decode-tokens", type=int, default=128, help="mtp: tokens decoded per sample prompt")
     p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
                    help="sweep: values to try for one key (repeatable; the runs cover every combination)")
     p.add_argument("--out-dir", type=Path, default=Path("bench_optim"), help="optim: folder for JSON and PNG")
     _add_config_args(p)
     p.add_argument("--problems", default="rust_basics", help="eval: problem set (rust_basics, hf or a file)")
-    p.add_argument("--workers", type=int, default=0, help="eval: parallel sandboxes (default: all cores)")
+    p.add_argument("--workers", type=int, default=0, help="eval: parallel sandboxes (default: all cores); loader: "
+                                                          "worker processes (default 1)")
     p.add_argument("--baseline-problems", type=int, default=0, metavar="N",
                    help="eval: run the unsandboxed one-at-a-time baseline on the first N programs only (0 = all)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; each variant runs --steps steps per round")

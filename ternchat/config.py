@@ -44,7 +44,9 @@ class DataConfig:
     sources: list[str] = _field([], doc="extra directories of Rust sources")
     auto_discover: bool = _field(True, doc="also scan Debian's crate registry, rust-src and ~/.cargo/registry/src")
     debian: bool = _field(True, doc="download and unpack the curated Debian librust-*-dev crates")
-    debian_crates: str = _field("", doc="file listing Debian packages to fetch; empty = the curated list shipped with ternchat")
+    debian_crates: str = _field("", doc="Debian packages to fetch: empty = the curated list shipped with ternchat, "
+                                        "\"all\" = every real-crate librust-*-dev package, else a file of names")
+    rust_src: bool = _field(False, doc="also fetch Debian's rust-src (the standard library's sources)")
     hf_dataset: str = _field("", doc="optional Hugging Face dataset of Rust files (needs the 'hf' extra)")
     hf_max_files: int = _field(100_000, min=1, doc="cap on files taken from the Hugging Face dataset")
     min_file_bytes: int = _field(64, min=1, doc="drop files smaller than this")
@@ -56,6 +58,40 @@ class DataConfig:
     seed: int = _field(1234, min=0, doc="seed of the train/val crate split")
     shard_tokens: int = _field(16_000_000, min=1024, doc="tokens per shard file")
     workers: int = _field(0, min=0, doc="worker processes/threads; 0 = all cores")
+
+
+@dataclass
+class LoaderConfig:
+    """[loader]: how training batches are made (data/loader.py, data/minato.py). With the defaults,
+    fixed windows of the token shards; with FIM, tag weights or kind = "minato", documents prepared
+    one by one and packed into rows."""
+
+    kind: str = _field("simple", choices=("simple", "minato"),
+                       doc="simple: samples handed out in order; minato: MinatoLoader, slow samples finished by "
+                           "background workers while batches are built from the ready ones")
+    workers: int = _field(0, min=0, max=64, doc="worker processes preparing documents (simple: 0 = in the training "
+                                                "process; minato: the fast workers, at least 1)")
+    slow_workers: int = _field(1, min=1, max=64, doc="minato: background workers finishing the slow samples")
+    timeout_ms: float = _field(500.0, min=1.0, doc="minato: per-sample time on the fast path (the paper's 0.5 s)")
+    prefetch: int = _field(16, min=1, max=4096, doc="documents in preparation ahead of the batch being built")
+    fim_rate: float = _field(0.0, min=0.0, max=1.0, doc="share of documents turned into fill-in-the-middle samples "
+                                                        "(code models use 0.5)")
+    fim_spm_rate: float = _field(0.5, min=0.0, max=1.0, doc="share of the FIM samples in SPM order (else PSM)")
+    weight_compiles: float = _field(1.0, min=0.0, max=16.0, doc="copies per epoch of a document tagged compiles "
+                                                               "by `ternchat data verify` (0 = filter out)")
+    weight_parses: float = _field(1.0, min=0.0, max=16.0, doc="copies per epoch of a document tagged parses")
+    weight_syntax_error: float = _field(1.0, min=0.0, max=16.0, doc="copies per epoch of a syntax_error document")
+    weight_unchecked: float = _field(1.0, min=0.0, max=16.0, doc="copies per epoch of a document without a tag")
+
+    def weights(self) -> dict[str, float]:
+        return {"compiles": self.weight_compiles, "parses": self.weight_parses,
+                "syntax_error": self.weight_syntax_error, "unchecked": self.weight_unchecked}
+
+    @property
+    def per_document(self) -> bool:
+        """Whether batches are packed from prepared documents rather than cut from the shards."""
+        return self.kind != "simple" or self.workers > 0 or self.fim_rate > 0 or \
+            any(w != 1.0 for w in self.weights().values())
 
 
 @dataclass
@@ -261,6 +297,7 @@ class HardwareConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     mtp: MTPConfig = field(default_factory=MTPConfig)
@@ -394,6 +431,9 @@ def _validate(cfg: Config) -> None:
     if cfg.collider.enabled and (cfg.mtp.kind != "none" or cfg.loop.enabled):
         raise ConfigError("collider.enabled filters the next-token loss of a plain objective; it does not combine "
                           "with mtp.kind or loop.enabled yet")
+    if cfg.loader.kind == "minato" and cfg.loader.workers < 1:
+        raise ConfigError("loader.kind = 'minato' prepares samples in worker processes: set loader.workers >= 1 "
+                          "(the fast workers; loader.slow_workers serve the slow queue)")
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:

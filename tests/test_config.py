@@ -40,7 +40,7 @@ def write(tmp_path, text):
 
 
 def test_unknown_section_names_the_valid_ones(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown config section \[galore\].*valid sections: data, tokenizer"):
+    with pytest.raises(ConfigError, match=r"unknown config section \[galore\].*valid sections: data, loader, tokenizer"):
         load_config(write(tmp_path, "[galore]\nrank = 512\n"))
 
 

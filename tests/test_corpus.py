@@ -1,5 +1,7 @@
 import json
+import os
 import shutil
+from collections import Counter
 
 import pytest
 
@@ -7,7 +9,7 @@ from ternchat.config import load_config
 from ternchat.data import debian
 from ternchat.data.clean import (CleanRules, NearDuplicateIndex, lsh_bands, minhash_signature, rejection_reason,
                                  shingles)
-from ternchat.data.corpus import build_corpus, discover_files, iter_documents, split_crates
+from ternchat.data.corpus import build_corpus, discover_files, iter_documents, split_crates, version_key
 from ternchat.data.discover import scan_root
 from ternchat.data.errors import DataError
 
@@ -170,3 +172,37 @@ def test_minhash_estimates_jaccard_and_the_index_keeps_the_threshold():
             assert matched is not None  # well above the threshold: caught
         elif exact(base, text) < 0.75:
             assert matched is None  # well below it: kept
+
+
+def test_crate_versions_dedup_to_the_newest(tmp_path, fixture_crates):
+    """`nom` and `nom-4`-style packages: the same crate in two versions; the older one's copies go."""
+    if shutil.which("apt-get") is None and os.environ.get("TERNCHAT_REQUIRE_DEBIAN") != "1":
+        pytest.skip("needs apt-get to fetch real Debian crates")
+    packages = ["librust-euclid-0.19-dev", "librust-euclid-dev"]  # euclid 0.19.9 and 0.20.0
+    roots = [(r, "debian") for r in debian.fetch_debian_crates(packages, tmp_path / "debian")]
+    roots.append((fixture_crates, "test"))
+    files = discover_files(roots)
+    summary = build_corpus(load_config().data, files, roots, tmp_path / "corpus")
+    found = Counter(f.version for f in files if f.crate == "euclid")
+    kept = Counter(json.loads(line)["version"] for line in (tmp_path / "corpus" / "manifest.jsonl").open()
+                   if json.loads(line)["crate"] == "euclid")
+    assert set(found) == {"0.19.9", "0.20.0"}
+    assert summary["exact_duplicates"] + summary["near_duplicates"] >= 5
+    assert kept["0.20.0"] == found["0.20.0"] and kept["0.19.9"] < found["0.19.9"]
+
+
+def test_all_debian_crates_are_real_code_packages():
+    available = "\n".join(f"Package: {name}\nVersion: 1\n" for name in (
+        "librust-nom-dev", "librust-nom-4-dev", "librust-nom+std-dev", "librust-openssl-sys-dev",
+        "librust-pyo3-ffi-dev", "librust-encoding-index-korean-dev", "librust-unicode-bidi-dev",
+        "librust-winapi-dev", "librust-gtk-sys-0.15-dev", "rustc", "librust-ucd-trie-dev"))
+    assert debian.crate_packages_from_apt(available) == [
+        "librust-nom-4-dev", "librust-nom-dev", "librust-ucd-trie-dev", "librust-unicode-bidi-dev"]
+    assert debian.resolve_package_list("") == debian.curated_crates()
+    with pytest.raises(DataError, match="no such file"):
+        debian.resolve_package_list("/nonexistent/list.txt")
+
+
+def test_version_order_is_semver():
+    assert sorted(["1.0.0", "0.9.10", "1.0.0-rc1", "0.10.0", ""], key=version_key, reverse=True) == [
+        "1.0.0", "1.0.0-rc1", "0.10.0", "0.9.10", ""]

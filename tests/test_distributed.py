@@ -153,6 +153,21 @@ def test_kill_9_of_a_two_rank_run_resumes_at_two_ranks_and_at_one(tmp_path, over
     assert resumed_alone[first_after] == pytest.approx(expected[first_after], rel=1e-4)
 
 
+def test_document_loader_positions_resume_per_rank(tmp_path, overrides):
+    """FIM documents under 2 DDP ranks: each rank's loader position (documents in preparation, tokens
+    waiting) is saved, and a resumed run repeats the uninterrupted one's losses; 1 rank is refused."""
+    loader = ["--set", "loader.fim_rate=0.5", "--set", "dist.strategy=ddp", "--set", "train.max_steps=8"]
+    finish(torchrun(2, *tiny_train_args(overrides, tmp_path / "ref", *loader)), timeout=300)
+    shutil.copytree(tmp_path / "ref", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step_000008")
+    finish(torchrun(2, *tiny_train_args(overrides, tmp_path / "cut", "--resume", *loader)), timeout=300)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "ref")
+    alone = subprocess.run([sys.executable, *tiny_train_args(overrides, tmp_path / "cut", "--resume", *loader,
+                                                             "--set", "train.max_steps=12")],
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert alone.returncode != 0 and "resume it on as many" in alone.stderr
+
+
 @pytest.mark.parametrize("optim", ["muon", "gum"])
 def test_offload_matches_the_run_without_it(tmp_path, optim):
     # One process; the shards and the optimizer state stay in host memory and each matrix steps on the

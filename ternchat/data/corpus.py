@@ -16,7 +16,7 @@ from collections import Counter, defaultdict
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
@@ -61,12 +61,23 @@ def split_crates(bytes_by_crate: dict[str, int], val_fraction: float, seed: int)
     return val
 
 
+def version_key(version: str) -> tuple[tuple[int, ...], int]:
+    """Semver order: numeric core, then a release above its pre-releases ("1.0.0-rc1" < "1.0.0")."""
+    core, _, pre = version.partition("+")[0].partition("-")
+    return tuple(int(p) if p.isdigit() else -1 for p in core.split(".")), 0 if pre else 1
+
+
 def discover_files(roots: list[tuple[Path, str]]) -> list[SourceFile]:
-    """Every `.rs` file under `roots`, in a stable order."""
+    """Every `.rs` file under `roots`, in a stable order: by crate, newest version first, then path.
+    Deduplication keeps the first of equal or near-equal files, so a crate shipped in several
+    versions (`nom` 7 and `nom` 4) keeps its newest copy."""
     files: list[SourceFile] = []
     for root, origin in roots:
         files += scan_root(root, origin)
-    return sorted(files, key=lambda f: f.sort_key)
+    files.sort(key=lambda f: (f.path, f.origin))  # stable sorts: crate, then version descending, then these
+    files.sort(key=lambda f: version_key(f.version), reverse=True)
+    files.sort(key=lambda f: f.crate)
+    return files
 
 
 def build_corpus(data: DataConfig, files: list[SourceFile], roots: list[tuple[Path, str]], out: Path) -> dict:
@@ -79,35 +90,35 @@ def build_corpus(data: DataConfig, files: list[SourceFile], roots: list[tuple[Pa
     dropped: Counter[str] = Counter()
     first_by_sha: dict[str, str] = {}
     near = NearDuplicateIndex(data.near_dup_threshold, data.minhash_perms)
-    kept: list[tuple[SourceFile, str, str]] = []
+    bytes_by_crate: dict[str, int] = defaultdict(int)
     workers = worker_count(data.workers)
     check = partial(check_file, rules=rules)
     paths = [f.abspath for f in files]
-    with Pool(workers) as pool:
-        results = pool.imap(check, paths, chunksize=16) if workers > 1 else map(check, paths)
-        for src, res in tqdm(zip(files, results), total=len(files), desc="clean+dedup", unit="file"):
-            if res.reason:
-                dropped[res.reason] += 1
-                continue
-            key = f"{src.crate}/{src.version}/{src.path}@{src.origin}"
-            if res.sha256 in first_by_sha:
-                dropped["exact_duplicate"] += 1
-                continue
-            first_by_sha[res.sha256] = key
-            if near.add_or_match(key, res.minhash) is not None:
-                dropped["near_duplicate"] += 1
-                continue
-            kept.append((src, res.text, res.sha256))
-    if not kept:
-        raise DataError(f"all {len(files)} files were dropped by cleaning ({dict(dropped)})")
-
-    bytes_by_crate: dict[str, int] = defaultdict(int)
-    for src, text, _ in kept:
-        bytes_by_crate[src.crate] += len(text.encode("utf-8"))
-    val_crates = split_crates(bytes_by_crate, data.val_fraction, data.seed)
-
     with building(out) as tmp:
-        summary = _write_corpus(kept, val_crates, tmp)
+        # Kept texts go to a spool file, not memory, so memory stays flat as the corpus grows.
+        spool = tmp / "kept.jsonl.tmp"
+        with Pool(workers) as pool, open(spool, "w", encoding="utf-8") as spool_f:
+            results = pool.imap(check, paths, chunksize=16) if workers > 1 else map(check, paths)
+            for index, (src, res) in enumerate(tqdm(zip(files, results), total=len(files), desc="clean+dedup",
+                                                    unit="file")):
+                if res.reason:
+                    dropped[res.reason] += 1
+                    continue
+                key = f"{src.crate}/{src.version}/{src.path}@{src.origin}"
+                if res.sha256 in first_by_sha:
+                    dropped["exact_duplicate"] += 1
+                    continue
+                first_by_sha[res.sha256] = key
+                if near.add_or_match(key, res.minhash) is not None:
+                    dropped["near_duplicate"] += 1
+                    continue
+                bytes_by_crate[src.crate] += len(res.text.encode("utf-8"))
+                spool_f.write(json.dumps({"file": index, "sha256": res.sha256, "text": res.text}) + "\n")
+        if not bytes_by_crate:
+            raise DataError(f"all {len(files)} files were dropped by cleaning ({dict(dropped)})")
+        val_crates = split_crates(bytes_by_crate, data.val_fraction, data.seed)
+        summary = _write_corpus(_read_spool(spool, files), val_crates, tmp)
+        spool.unlink()
         summary.update(files_found=len(files), crates=len(bytes_by_crate), dropped=dict(sorted(dropped.items())),
                        exact_duplicates=dropped.get("exact_duplicate", 0),
                        near_duplicates=dropped.get("near_duplicate", 0),
@@ -116,7 +127,14 @@ def build_corpus(data: DataConfig, files: list[SourceFile], roots: list[tuple[Pa
     return summary
 
 
-def _write_corpus(kept: list[tuple[SourceFile, str, str]], val_crates: set[str], tmp: Path) -> dict:
+def _read_spool(spool: Path, files: list[SourceFile]) -> Iterator[tuple[SourceFile, str, str]]:
+    with open(spool, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            yield files[row["file"]], row["text"], row["sha256"]
+
+
+def _write_corpus(kept: Iterable[tuple[SourceFile, str, str]], val_crates: set[str], tmp: Path) -> dict:
     stats = {s: {"files": 0, "bytes": 0, "crates": set()} for s in SPLITS}
     with open(tmp / "train.jsonl", "w", encoding="utf-8") as train_f, \
             open(tmp / "val.jsonl", "w", encoding="utf-8") as val_f, \
@@ -135,7 +153,7 @@ def _write_corpus(kept: list[tuple[SourceFile, str, str]], val_crates: set[str],
             stats[split]["crates"].add(src.crate)
     total_bytes = sum(stats[s]["bytes"] for s in SPLITS)
     return {
-        "files_kept": len(kept),
+        "files_kept": sum(stats[s]["files"] for s in SPLITS),
         "bytes": total_bytes,
         "val_byte_fraction": stats["val"]["bytes"] / total_bytes,
         "splits": {s: {"files": stats[s]["files"], "bytes": stats[s]["bytes"],

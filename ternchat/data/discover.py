@@ -33,10 +33,6 @@ class SourceFile:
     path: str  # path inside the crate
     abspath: str
 
-    @property
-    def sort_key(self) -> tuple[str, str, str, str]:
-        return (self.crate, self.version, self.path, self.origin)
-
 
 @dataclass(frozen=True)
 class _Crate:

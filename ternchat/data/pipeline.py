@@ -23,14 +23,14 @@ from tqdm import tqdm
 from ternchat.config import Config
 from ternchat.data import corpus as corpus_mod
 from ternchat.data import shards as shards_mod
-from ternchat.data.debian import curated_crates, fetch_debian_crates, parse_crate_list
+from ternchat.data.debian import RUST_SRC_PACKAGE, fetch_debian_crates, resolve_package_list
 from ternchat.data.discover import local_rust_roots
 from ternchat.data.errors import DataError
 from ternchat.data.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, evaluate
 from ternchat.paths import building, ternchat_home
 
 STEPS = ("corpus", "tokenizer", "shards")
-CORPUS_FORMAT = 4  # bump when cleaning or the corpus layout changes what a step produces
+CORPUS_FORMAT = 5  # bump when cleaning or the corpus layout changes what a step produces
 Log = Callable[[str], None]
 
 
@@ -59,14 +59,10 @@ def resolve_roots(cfg: Config, home: Path) -> list[tuple[Path, str]]:
     if data.auto_discover:
         roots += local_rust_roots()
     if data.debian:
-        if data.debian_crates:
-            list_path = Path(data.debian_crates).expanduser()
-            if not list_path.is_file():
-                raise DataError(f"data.debian_crates: no such file {list_path}")
-            packages = parse_crate_list(list_path.read_text(encoding="utf-8"))
-        else:
-            packages = curated_crates()
-        roots += [(root, "debian") for root in fetch_debian_crates(packages, home / "debian")]
+        packages = resolve_package_list(data.debian_crates)
+        roots += [(root, "debian") for root in fetch_debian_crates(packages, home / "debian", workers=data.workers)]
+    if data.rust_src:
+        roots += [(root, "rust-src") for root in fetch_debian_crates([RUST_SRC_PACKAGE], home / "debian")]
     if data.hf_dataset:
         from ternchat.data.hf import materialize_hf_dataset
         roots.append((materialize_hf_dataset(data.hf_dataset, data.hf_max_files, home / "hf"), "hf"))

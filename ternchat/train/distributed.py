@@ -150,6 +150,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's `obj`, in rank order, on every rank (one process: [obj])."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    objects: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
 # --- whole matrices on their owner ----------------------------------------------------------------
 def _shard_rows(rows: int, world: int) -> int:
     """Rows per dim-0 shard as FSDP2 cuts them (torch.chunk: the last shards may be short or empty)."""

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from ternchat.config import Config, load_config
-from ternchat.data.loader import TokenLoader
+from ternchat.data.loader import TokenLoader, make_train_loader
 from ternchat.data.pipeline import prepare_data
 from ternchat.data.shards import shard_paths
 from ternchat.data.tokenizer import Tokenizer
@@ -43,8 +43,9 @@ from ternchat.optim.factory import CombinedOptimizer, build_optimizer
 from ternchat.train.errors import RunError
 from ternchat.train.activation_checkpointing import apply_activation_checkpointing
 from ternchat.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ternchat.train.distributed import (Ranks, barrier, full_model_state, init_distributed, is_sharded, launched_ranks,
-                                        mean_across_ranks, model_home, parallelize, shutdown_distributed)
+from ternchat.train.distributed import (Ranks, barrier, full_model_state, gather_objects, init_distributed,
+                                        is_sharded, launched_ranks, mean_across_ranks, model_home, parallelize,
+                                        shutdown_distributed)
 from ternchat.train.metrics import MetricsLog
 from ternchat.train.schedule import RunLength, schedule
 
@@ -174,9 +175,10 @@ class Trainer:
         for line in self.model.gemm_notes(self.device):
             log(line)
         t = cfg.train
-        self.train_loader = TokenLoader(shard_paths(data.shard_dir, "train"), t.batch_size, cfg.model.seq_len,
-                                        seed=t.seed, tokenizer_hash=self.tok.hash, device=self.device,
-                                        rank=self.ranks.rank, world_size=self.ranks.world_size)
+        self.train_loader = make_train_loader(
+            cfg.loader, shard_paths(data.shard_dir, "train"), tokenizer=self.tok, tokenizer_dir=data.tokenizer_dir,
+            corpus_dir=data.corpus_dir, batch_size=t.batch_size, seq_len=cfg.model.seq_len, seed=t.seed,
+            rank=self.ranks.rank, world_size=self.ranks.world_size, device=self.device, log=log)
         self.val_paths = shard_paths(data.shard_dir, "val")
         self.token_bytes = torch.tensor(self.tok.token_bytes(), dtype=torch.float32, device=self.device)
         self.autocast = autocast_for(t.dtype, self.device)
@@ -203,7 +205,13 @@ class Trainer:
 
     def _resume(self, checkpoint: Path) -> None:
         state = load_checkpoint(checkpoint, self.model, self.optimizer, self.shape)
-        self.train_loader.load_state_dict(state["loader"])
+        loader_state = state["loader"]
+        if "ranks" in loader_state:  # a document loader's positions, one per rank
+            if len(loader_state["ranks"]) != self.ranks.world_size:
+                raise TrainingError(f"the checkpoint's loader ran on {len(loader_state['ranks'])} ranks; resume it "
+                                    f"on as many (this run has {self.ranks.world_size})")
+            loader_state = loader_state["ranks"][self.ranks.rank]
+        self.train_loader.load_state_dict(loader_state)
         self.step, self.length = state["step"], RunLength(**state["length"])
         self.tokens_seen, self.elapsed = state["tokens_seen"], state["elapsed"]
         self.wall_seconds, self.timed_seconds, self.timed_steps = (state["wall_seconds"], state["timed_seconds"],
@@ -212,7 +220,14 @@ class Trainer:
         of = f"of {self.length.total}" if self.length.total else "of a time budget, length not fixed yet"
         self.log(f"resumed {self.run_dir} from {checkpoint.name} (step {self.step} {of})")
 
+    def _loader_state(self) -> dict:
+        """The loader's position: one for all ranks (shard windows), or each rank's (documents)."""
+        if not self.train_loader.position_per_rank:
+            return self.train_loader.state_dict()
+        return {"ranks": gather_objects(self.train_loader.state_dict())}
+
     def _checkpoint(self) -> None:
+        loader_state = self._loader_state()
         model_state, optimizer_state = full_model_state(self.model), self.optimizer.state_dict()
         if not self.ranks.main:
             barrier()
@@ -220,7 +235,7 @@ class Trainer:
         save_checkpoint(self.run_dir, self.step, model_state, optimizer_state, {
             "step": self.step, "length": self.length.to_dict(), "tokens_seen": self.tokens_seen,
             "elapsed": self.elapsed, "wall_seconds": self.wall_seconds, "timed_seconds": self.timed_seconds,
-            "timed_steps": self.timed_steps, "loader": self.train_loader.state_dict(),
+            "timed_steps": self.timed_steps, "loader": loader_state,
             "model_shape": asdict(self.shape), "world_size": self.ranks.world_size})
         barrier()
 
@@ -319,8 +334,9 @@ class Trainer:
         first_of_session = True
         while self.length.total is None or self.step < self.length.total:
             iteration_start = self.clock()
-            step_start = time.perf_counter()
+            step_start, waited = time.perf_counter(), self.train_loader.wait_seconds
             loss = self._train_step()
+            waited = self.train_loader.wait_seconds - waited
             self.step += 1
             self.tokens_seen += tokens_per_step
             step_seconds = time.perf_counter() - step_start
@@ -336,7 +352,7 @@ class Trainer:
                 bad_steps = 0
                 tok_s = tokens_per_step / max(step_seconds, 1e-9)
                 self.metrics.write(step=self.step, loss=loss, lr_scale=self.lr_scale, tokens=self.tokens_seen,
-                                   tok_s=tok_s, elapsed_s=self.elapsed,
+                                   tok_s=tok_s, elapsed_s=self.elapsed, data_wait_s=waited,
                                    peak_memory_bytes=peak_memory_bytes(self.device), **self.model.objective_metrics())
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
                 if self._due(e.every_steps):
@@ -362,6 +378,7 @@ class Trainer:
             if self._due(t.checkpoint_every) and bad_steps == 0:
                 self._checkpoint()
         bar.close()
+        self.train_loader.close()
         compiled = {}
         if e.rust_problems:
             self.inference_model()  # gathering a sharded model takes every rank

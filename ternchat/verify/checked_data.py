@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,9 +48,11 @@ def _load_cache(path: Path) -> dict[str, dict]:
     return cache
 
 
-def verify_corpus(corpus_dir: Path, cache_dir: Path, limit: int = 0, workers: int = 2,
+def verify_corpus(corpus_dir: Path, cache_dir: Path, limit: int = 0, workers: int = 0,
                   limits: Limits = Limits()) -> dict:
-    """Tag the corpus's files (the first `limit` of each split if > 0); return counts per tag."""
+    """Tag the corpus's files (the first `limit` of each split if > 0) on `workers` threads, each running
+    rustc in its sandbox (0 = one per core); return the files and bytes per tag."""
+    workers = workers or os.cpu_count() or 1
     cache_dir.mkdir(parents=True, exist_ok=True)
     cache_path = cache_dir / "tags.jsonl"
     cache = _load_cache(cache_path)
@@ -69,10 +72,12 @@ def verify_corpus(corpus_dir: Path, cache_dir: Path, limit: int = 0, workers: in
             cache[(sha, edition)] = result
             out.write(json.dumps({"sha256": sha, "edition": edition, **result}) + "\n")
     counts = {tag: 0 for tag in TAGS}
+    tag_bytes = {tag: 0 for tag in TAGS}
     with open(corpus_dir / "compile_tags.jsonl", "w", encoding="utf-8") as f:
-        for split, crate, path, _, (sha, edition) in docs:
+        for split, crate, path, text, (sha, edition) in docs:
             result = cache[(sha, edition)]
             counts[result["tag"]] += 1
+            tag_bytes[result["tag"]] += len(text.encode("utf-8"))
             f.write(json.dumps({"split": split, "crate": crate, "path": path, "edition": edition, "sha256": sha,
                                 **result}) + "\n")
-    return {"files": len(docs), "checked_now": len(todo), **counts}
+    return {"files": len(docs), "checked_now": len(todo), **counts, "bytes": tag_bytes}
