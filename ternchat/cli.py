@@ -236,6 +236,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report = bench_arch(args.config, args.overrides, args.optim_steps)
         _report(args, report, format_arch)
         return 0
+    if args.what == "fire":
+        from ternchat.bench.fire_bench import bench_fire, format_fire
+
+        if args.run is None:
+            raise ConfigError("bench fire needs --run DIR (a trained run folder)")
+        _report(args, bench_fire(args.run), format_fire)
+        return 0
     if args.what == "loader":
         from ternchat.bench.loader_bench import bench_loader, format_loader
 
@@ -464,9 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "bench precision: high-precision GEMMs against each [fp4] recipe. bench collider: "
                                    "step times and val bpb at 0/20/40/60% of tokens filtered. bench loader: data wait "
                                    "per step with 10% slow samples, in-process and in-order loaders against "
-                                   "MinatoLoader.")
+                                   "MinatoLoader. bench fire: a trained run's val bpb and ternary codes before and "
+                                   "after FIRE (exact and the official 5 Newton-Schulz steps).")
     p.add_argument("what", choices=["train", "eval", "optim", "sweep", "dedup", "dist", "scale", "mtp", "arch",
-                                    "precision", "collider", "loader"],
+                                    "precision", "collider", "loader", "fire"],
                    help="train: training throughput and memory; eval: sandboxed compile+run evaluations per second; "
                         "optim: the memory-efficient optimizers against Muon and AdamW; sweep: validation loss "
                         "over a grid of config values; dedup: rensa's MinHash against datasketch's on the corpus; "
@@ -475,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "against the plain model (val bpb, tok/s, memory, composite gain, Q-exit); precision: FP4/FP8 "
                         "recipes (val bpb, loss curve, quantization error, GPU GEMM throughput); collider: backward "
                         "and step time and val bpb per filtered fraction; loader: the share of step time spent "
-                        "waiting for data with slow samples, per loader")
+                        "waiting for data with slow samples, per loader; fire: FIRE's effect on a trained run's "
+                        "val bpb and ternary codes")
     p.add_argument("--optim-steps", type=int, default=100,
                    help="optim, sweep, dist, mtp, arch, precision, collider, loader: training steps per run")
     p.add_argument("--decode-tokens", type=int, default=128, help="mtp: tokens decoded per sample prompt")
@@ -496,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, help="scale: the device's dense bf16 peak for MFU (default: "
                                                      "the datasheet figure for known GPUs)")
     p.add_argument("--cpu", action="store_true", help="scale: run on the CPU (a check of the code path)")
+    p.add_argument("--run", type=Path, metavar="DIR", help="fire: the trained run folder")
     p.add_argument("--out", type=Path, help="also write the measurements as JSON")
     _add_unisolated_arg(p)
     p.set_defaults(func=cmd_bench)

@@ -15,8 +15,9 @@ from ternchat.model.gpt import GPT, GPTShape
 from ternchat.train.checkpoint import latest_checkpoint, verify_checkpoint
 
 
-def load_run_model(run_dir: Path) -> GPT:
-    """The latest checkpoint's model in inference form (ternary layers with fixed codes)."""
+def load_run_model(run_dir: Path, latent: bool = False) -> GPT:
+    """The latest checkpoint's model in inference form (ternary layers with fixed codes), or with
+    `latent` as trained (BitLinears holding their full-precision latent weights)."""
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise DataError(f"{run_dir} has no checkpoint; train first (ternchat train) or pass a packed model file")
@@ -24,7 +25,7 @@ def load_run_model(run_dir: Path) -> GPT:
     shape = GPTShape(**json.loads((checkpoint / "trainer.json").read_text())["model_shape"]).for_inference()
     model = GPT(shape)
     model.load_state_dict(load_file(checkpoint / "model.safetensors"))
-    return to_inference(model).eval()
+    return (model if latent else to_inference(model)).eval()
 
 
 def load_model_and_tokenizer(source: Path) -> tuple[GPT, Tokenizer]:
