@@ -69,15 +69,12 @@ class DocumentIndex:
         return np.concatenate(pieces).astype(np.int64)
 
 
-def document_weights(corpus_dir: Path, split: str, n_docs: int, weight_of: dict[str, float]) -> np.ndarray | None:
-    """Expected copies per epoch of each document from its compile tag, or None when every weight is 1.
-    Documents past the tagged ones (`data verify --limit`) count as `unchecked`."""
-    if all(weight_of[tag] == 1.0 for tag in COMPILE_TAGS):
-        return None
+def document_tags(corpus_dir: Path, split: str, n_docs: int) -> np.ndarray | None:
+    """Index into COMPILE_TAGS of each document's tag from `compile_tags.jsonl`, or None without that
+    file. Documents past the tagged ones (`data verify --limit`) count as `unchecked`."""
     path = Path(corpus_dir) / "compile_tags.jsonl"
     if not path.exists():
-        raise DataError(f"loader weights by compile tag need {path}; run `ternchat data verify` first "
-                        "(or set every loader.weight_* to 1)")
+        return None
     tags = np.full(n_docs, COMPILE_TAGS.index("unchecked"), dtype=np.int64)
     seen = 0
     with open(path, encoding="utf-8") as f:
@@ -89,6 +86,17 @@ def document_weights(corpus_dir: Path, split: str, n_docs: int, weight_of: dict[
                                     "belongs to another corpus; re-run `ternchat data verify`")
                 tags[seen] = COMPILE_TAGS.index(row["tag"])
                 seen += 1
+    return tags
+
+
+def document_weights(corpus_dir: Path, split: str, n_docs: int, weight_of: dict[str, float]) -> np.ndarray | None:
+    """Expected copies per epoch of each document from its compile tag, or None when every weight is 1."""
+    if all(weight_of[tag] == 1.0 for tag in COMPILE_TAGS):
+        return None
+    tags = document_tags(corpus_dir, split, n_docs)
+    if tags is None:
+        raise DataError(f"loader weights by compile tag need {Path(corpus_dir) / 'compile_tags.jsonl'}; run "
+                        "`ternchat data verify` first (or set every loader.weight_* to 1)")
     weights = np.asarray([weight_of[tag] for tag in COMPILE_TAGS], dtype=np.float64)[tags]
     if not weights.any():
         raise DataError("every document has weight 0: the loader.weight_* settings filter out all the data")
@@ -97,20 +105,12 @@ def document_weights(corpus_dir: Path, split: str, n_docs: int, weight_of: dict[
 
 def tag_token_shares(corpus_dir: Path, split: str, lengths: np.ndarray, weights: np.ndarray | None) -> dict:
     """Share of the training tokens (documents x weight) of each compile tag, for the run's log."""
-    path = Path(corpus_dir) / "compile_tags.jsonl"
-    if not path.exists():
+    tags = document_tags(corpus_dir, split, len(lengths))
+    if tags is None:
         return {}
-    tags = ["unchecked"] * len(lengths)
-    i = 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            if row["split"] == split and i < len(tags):
-                tags[i] = row["tag"]
-                i += 1
-    mass = lengths * (weights if weights is not None else 1.0)
+    mass = np.bincount(tags, weights=lengths * (weights if weights is not None else 1.0), minlength=len(COMPILE_TAGS))
     total = float(mass.sum()) or 1.0
-    return {tag: float(mass[[t == tag for t in tags]].sum()) / total for tag in COMPILE_TAGS}
+    return {tag: float(mass[i]) / total for i, tag in enumerate(COMPILE_TAGS)}
 
 
 def epoch_documents(n_docs: int, weights: np.ndarray | None, seed: int, epoch: int, shuffle: bool = True
