@@ -249,6 +249,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _report(args, bench_loader(args.config, args.overrides, args.optim_steps, workers=args.workers or 1),
                 format_loader)
         return 0
+    if args.what == "gemm":
+        from ternchat.bench.gemm_bench import bench_gemm, format_gemm
+
+        _report(args, bench_gemm(), format_gemm)
+        return 0
     if args.what in ("precision", "collider"):
         from ternchat.bench import gemm_bench
 
@@ -275,7 +280,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             cap = parse_bytes(args.memory_cap) if args.memory_cap else None
         except ValueError as e:
             raise ConfigError(f"--memory-cap: {e}") from None
-        result = bench_scale(_config(args), args.steps, args.warmup, cap, args.peak_tflops, args.cpu)
+        result = bench_scale(_config(args), args.steps, args.warmup, cap, args.peak_tflops, args.cpu, args.profile)
         if result:  # rank 0
             _report(args, result, format_scale)
         return 0
@@ -468,20 +473,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "bench mtp: the model without MTP, with heads and with modules (val bpb), and "
                                    "speculative against plain decoding from the MTP models. bench arch: the plain "
                                    "model against mHC, unconstrained HC, LoopLM (T 2, 4) and mHC with LoopLM. "
-                                   "bench precision: high-precision GEMMs against each [fp4] recipe. bench collider: "
+                                   "bench precision: high-precision GEMMs against each [fp4] recipe. bench gemm: "
+                                   "bf16 against FP8 GEMM TFLOP/s on CUDA. bench collider: "
                                    "step times and val bpb at 0/20/40/60% of tokens filtered. bench loader: data wait "
                                    "per step with 10% slow samples, in-process and in-order loaders against "
                                    "MinatoLoader. bench fire: a trained run's val bpb and ternary codes before and "
                                    "after FIRE (exact and the official 5 Newton-Schulz steps).")
     p.add_argument("what", choices=["train", "eval", "optim", "sweep", "dedup", "dist", "scale", "mtp", "arch",
-                                    "precision", "collider", "loader", "fire"],
+                                    "precision", "gemm", "collider", "loader", "fire"],
                    help="train: training throughput and memory; eval: sandboxed compile+run evaluations per second; "
                         "optim: the memory-efficient optimizers against Muon and AdamW; sweep: validation loss "
                         "over a grid of config values; dedup: rensa's MinHash against datasketch's on the corpus; "
                         "dist: tokens/s of 1 process vs 2 ranks; scale: a preset's model on a GPU against its plan; "
                         "mtp: multi-token prediction's val bpb and speculative decoding; arch: mHC and LoopLM "
                         "against the plain model (val bpb, tok/s, memory, composite gain, Q-exit); precision: FP4/FP8 "
-                        "recipes (val bpb, loss curve, quantization error, GPU GEMM throughput); collider: backward "
+                        "recipes (val bpb, loss curve, quantization error, GPU GEMM throughput); gemm: the GPU GEMM rows alone; collider: backward "
                         "and step time and val bpb per filtered fraction; loader: the share of step time spent "
                         "waiting for data with slow samples, per loader; fire: FIRE's effect on a trained run's "
                         "val bpb and ternary codes")
@@ -505,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, help="scale: the device's dense bf16 peak for MFU (default: "
                                                      "the datasheet figure for known GPUs)")
     p.add_argument("--cpu", action="store_true", help="scale: run on the CPU (a check of the code path)")
+    p.add_argument("--profile", type=Path, metavar="FILE", help="scale: write the last step's profiler tables here")
     p.add_argument("--run", type=Path, metavar="DIR", help="fire: the trained run folder")
     p.add_argument("--out", type=Path, help="also write the measurements as JSON")
     _add_unisolated_arg(p)

@@ -405,6 +405,10 @@ def _validate(cfg: Config) -> None:
     if o.use_galore and o.matrix_optimizer == "muon" and o.gum_full_rank_layers >= m.depth:
         raise ConfigError(f"optim.gum_full_rank_layers = {o.gum_full_rank_layers} must be less than model.depth = "
                           f"{m.depth}: GUM draws that many of the blocks each period for a full-rank step")
+    if o.use_8bit_optim and o.matrix_optimizer != "muon":
+        raise ConfigError(f"optim.use_8bit_optim keeps Muon/GUM momentum in int8 and does nothing with "
+                          f"optim.matrix_optimizer = {o.matrix_optimizer!r}; for bitsandbytes' 8-bit AdamW on the "
+                          "embedding and head set optim.adamw_8bit")
     for key in ("gpu_memory", "host_memory"):
         if value := getattr(cfg.hardware, key):
             try:

@@ -287,6 +287,8 @@ def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gp
         plan.host = {"weights (fp32 latent)": 4.0 * params, "gradients (fp32)": 4.0 * params,
                      "optimizer state": float(matrix_state + other_state + 8 * gains),
                      "whole-model copy for samples and evals": 8.0 * params}
+        if cfg.train.grad_accum > 1:  # HostGradientSum: a micro-batch's pinned gradients before they are added
+            plan.host["next micro-batch's gradients (fp32, pinned)"] = 4.0 * params
         passes = 2 if cfg.dist.reshard_after_forward else 1  # forward, and again for backward
         accum = cfg.train.grad_accum
         plan.link_bytes_per_step = {  # per GPU: its shards' weights every pass, its gradients, its owned matrices

@@ -17,8 +17,8 @@ import torch
 from ternchat.config import load_config
 from ternchat.model.gpt import GPT, GPTShape
 from ternchat.optim.factory import build_optimizer
-from ternchat.train.distributed import (full_model_state, init_distributed, launched_ranks, model_home, parallelize,
-                                        shutdown_distributed)
+from ternchat.train.distributed import (full_model_state, gradients_complete, init_distributed, launched_ranks,
+                                        micro_batch_done, model_home, parallelize, shutdown_distributed)
 
 VOCAB, ROWS, SEQ = 256, 4, 32
 
@@ -78,6 +78,8 @@ def main() -> None:
         mine = batch[ranks.rank * per_rank:(ranks.rank + 1) * per_rank]
         for rows in mine.chunk(args.micro_batches):
             (forward(rows[:, :-1], rows[:, 1:]) / args.micro_batches).backward()
+            micro_batch_done(model)
+        gradients_complete(model)
         if step == 0:
             first_grads = {n: whole(p.grad).clone() for n, p in model.named_parameters()}
         optimizer.step()

@@ -37,3 +37,19 @@ def test_offloaded_run_reports_the_losses_of_the_plain_one(tmp_path):
     assert "tok/s" in plain.stdout and "strategy fsdp2, offload" in offload.stdout
     assert losses(plain.stdout) == losses(offload.stdout)
     assert (tmp_path / "scale.json").exists()
+
+
+@pytest.mark.parametrize("recompute", ["full", "selective"])
+def test_compiled_offloaded_run_with_recompute_matches_eager(tmp_path, recompute):
+    # The presets compile an FSDP2 model whose blocks recompute; torch.compile once failed on the
+    # checkpoint's explicit default context_fn ("checkpoint not implemented for ... context_fn").
+    sets = [a for o in TINY for a in ("--set", o)] + ["--set", f"train.activation_checkpointing={recompute}",
+                                                      "--set", "dist.strategy=fsdp2", "--set", "dist.offload=true"]
+    eager = bench("--cpu", "--steps", "1", "--warmup", "1", *sets)
+    compiled = bench("--cpu", "--steps", "1", "--warmup", "1", *sets, "--set", "train.compile=true",
+                     "--profile", str(tmp_path / "profile.txt"))
+    assert eager.returncode == 0 and compiled.returncode == 0, eager.stderr[-3000:] + compiled.stderr[-3000:]
+    assert "compile True" in compiled.stdout
+    values = [[float(x) for x in losses(r.stdout).removeprefix("losses: ").split(", ")] for r in (eager, compiled)]
+    assert values[0] == pytest.approx(values[1], rel=2e-3)
+    assert "FSDP::" in (tmp_path / "profile.txt").read_text()  # the profiled step's FSDP2 phases

@@ -125,6 +125,13 @@ def test_sweep_grid_values_are_checked_before_anything_runs():
         parse_grid(["optim.lr_embed"])
 
 
+def test_8bit_state_needs_muon():
+    with pytest.raises(ConfigError, match="optim.use_8bit_optim keeps Muon/GUM momentum in int8 and does nothing with "
+                                         "optim.matrix_optimizer = 'adamw'"):
+        load_config(overrides=["optim.use_8bit_optim=true", "optim.matrix_optimizer=adamw"])
+    assert load_config(overrides=["optim.use_8bit_optim=true", "optim.use_galore=true"]).optim.use_8bit_optim
+
+
 def test_offload_needs_fsdp2():
     with pytest.raises(ConfigError, match="dist.offload needs dist.strategy = 'fsdp2' \\(it is 'ddp'\\)"):
         load_config(overrides=["dist.offload=true", "dist.strategy=ddp"])

@@ -178,6 +178,14 @@ def test_offload_matches_the_run_without_it(tmp_path, optim):
     assert max_difference(plain["params"], offloaded["params"]) == 0
 
 
+def test_offload_sums_micro_batches_like_one_process(tmp_path):
+    # Offload keeps the micro-batches' gradient sum off the parameters between backwards (HostGradientSum).
+    plain = run_worker(tmp_path, 1, "--optim", "muon", "--micro-batches", "3")
+    offloaded = run_worker(tmp_path, 1, "--strategy", "fsdp2", "--offload", "--optim", "muon", "--micro-batches", "3")
+    assert max_difference(plain["grads"], offloaded["grads"]) == 0
+    assert max_difference(plain["params"], offloaded["params"]) == 0
+
+
 def test_offload_with_two_ranks_matches_one_process(tmp_path):
     one = run_worker(tmp_path, 1, "--optim", "8bit-muon", "--micro-batches", "2")
     two = run_worker(tmp_path, 2, "--strategy", "fsdp2", "--offload", "--optim", "8bit-muon")

@@ -24,6 +24,7 @@ import torch
 from ternchat.bench.runs import measure_in_subprocess, variants_table_head
 from ternchat.config import load_config
 from ternchat.model.fp4 import Operand, execution_path, quantize, random_hadamard
+from ternchat.train.errors import RunError
 from ternchat.train.report import machine
 
 RECIPES = ("mxfp4_backward", "nvfp4", "fp8")
@@ -83,9 +84,23 @@ def probe_quantization(trainer) -> dict:
     return {"quantization_error": table}
 
 
-def gemm_throughput(device: torch.device, tokens: int = 8192, reps: int = 20) -> list[dict]:
-    """bf16 against FP8 `_scaled_mm` GEMM TFLOP/s for the presets' block matrices (CUDA only)."""
+def gemm_throughput(device: torch.device, tokens: int = 8192, reps: int = 30) -> list[dict]:
+    """bf16 against FP8 `_scaled_mm` GEMM TFLOP/s for the presets' block matrices (CUDA only): the
+    median of `reps` launches timed one by one with CUDA events, after 5 untimed ones, on random data."""
     from ternchat.model.fp4 import to_fp8
+
+    def median_seconds(fn) -> float:
+        for _ in range(5):
+            fn()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return statistics.median(times)
 
     rows = []
     for preset, path in PRESET_SHAPES.items():
@@ -98,17 +113,28 @@ def gemm_throughput(device: torch.device, tokens: int = 8192, reps: int = 20) ->
             b8, sb = to_fp8(b, "e4m3")
             timed = {"bf16": lambda: a @ b.t(),
                      "fp8": lambda: torch._scaled_mm(a8, b8.t(), sa, sb, out_dtype=torch.bfloat16)}
-            tflops = {}
-            for label, fn in timed.items():
-                fn()
-                torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                for _ in range(reps):
-                    fn()
-                torch.cuda.synchronize(device)
-                tflops[label] = 2 * tokens * k * n * reps / (time.perf_counter() - start) / 1e12
-            rows.append({"preset": preset, "matrix": f"{name} ({k} x {n})", **tflops})
+            rows.append({"preset": preset, "matrix": f"{name} ({k} x {n})",
+                         **{label: 2 * tokens * k * n / median_seconds(fn) / 1e12 for label, fn in timed.items()}})
     return rows
+
+
+def bench_gemm() -> dict:
+    """`ternchat bench gemm`: the GEMM rows alone, without `bench precision`'s training runs."""
+    if not torch.cuda.is_available():
+        raise RunError("bench gemm times CUDA tensor cores and there is no CUDA device here")
+    device = torch.device("cuda")
+    return {"machine": torch.cuda.get_device_name(device), "torch": torch.__version__,
+            "gemm_throughput": gemm_throughput(device)}
+
+
+def format_gemm(report: dict) -> str:
+    if not report["gemm_throughput"]:
+        return "GEMM throughput rows: no CUDA device here; they run on a GPU."
+    lines = [f"GEMM throughput, 8192 tokens (TFLOP/s, median of 30), {report['machine']}:", "",
+             "| preset | matrix | bf16 | fp8 | fp8 / bf16 |", "|---|---|---|---|---|"]
+    for r in report["gemm_throughput"]:
+        lines.append(f"| {r['preset']} | {r['matrix']} | {r['bf16']:.0f} | {r['fp8']:.0f} | {r['fp8'] / r['bf16']:.2f}x |")
+    return "\n".join(lines)
 
 
 def bench_precision(config: str | None, overrides: list[str], steps: int, log=print) -> dict:
@@ -148,14 +174,7 @@ def format_precision(report: dict) -> str:
                   "|---|" + "---|" * len(FORMATS)]
         for kind, row in errors.items():
             lines.append(f"| {kind} | " + " | ".join(f"{row[f]:.4f}" for f in FORMATS) + " |")
-    if report["gemm_throughput"]:
-        lines += ["", "GEMM throughput, 8192 tokens (TFLOP/s):", "", "| preset | matrix | bf16 | fp8 | fp8 / bf16 |",
-                  "|---|---|---|---|---|"]
-        for r in report["gemm_throughput"]:
-            lines.append(f"| {r['preset']} | {r['matrix']} | {r['bf16']:.0f} | {r['fp8']:.0f} | "
-                         f"{r['fp8'] / r['bf16']:.2f}x |")
-    else:
-        lines += ["", "GEMM throughput rows: no CUDA device here; they run on a GPU."]
+    lines += ["", format_gemm(report)]
     return "\n".join(lines)
 
 

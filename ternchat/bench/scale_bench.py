@@ -5,18 +5,22 @@ the config (`trainer.build_training`); the batches are random tokens, so no corp
 built for a 5B-parameter run. With `--memory-cap` the process may allocate only that much of the
 GPU (`torch.cuda.set_per_process_memory_fraction`), so a larger GPU stands in for the target card.
 It reports, after untimed warm-up steps (compilation, the optimizer state's creation):
-- tokens/s over the timed steps (every rank's tokens, synchronized at each step's end);
+- tokens/s over the timed steps (every rank's tokens, synchronized at each step's end), and the share
+  of a step spent in `optimizer.step` (the rest: the micro-batches' forwards and backwards, clipping);
 - the model FLOP rate 6 x parameters x tokens/s (forward and backward of every weight, attention's
   own FLOPs left out) and its share of the card's dense bf16 peak (MFU);
 - the CUDA allocator's peak (`torch.cuda.max_memory_allocated`) against the plan's peak without the
   CUDA context and allocator slack, which the allocator's figure does not contain.
 Under torchrun every rank trains its share and rank 0 reports. On a CPU (`--cpu`) it runs as a
-check of the code path; its figures then say nothing about a GPU.
+check of the code path; its figures then say nothing about a GPU. `--profile FILE` writes the last
+step's torch.profiler tables (operators and FSDP2's phases by CPU and GPU time) to FILE.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from pathlib import Path
 
 import torch
 
@@ -39,7 +43,7 @@ def bf16_peak_tflops(device_name: str) -> float | None:
 
 
 def bench_scale(cfg: Config, steps: int, warmup: int, memory_cap: int | None = None,
-                peak_tflops: float | None = None, allow_cpu: bool = False) -> dict:
+                peak_tflops: float | None = None, allow_cpu: bool = False, profile: Path | None = None) -> dict:
     ranks = launched_ranks()
     device = init_distributed(cfg.dist, ranks)
     if device.type != "cuda" and not allow_cpu:
@@ -67,15 +71,33 @@ def bench_scale(cfg: Config, steps: int, warmup: int, memory_cap: int | None = N
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    update_seconds: list[float] = []  # optimizer.step alone, to split a step's time
+    step_updates = optimizer.step
+
+    def timed_update() -> None:
+        sync()
+        start = time.perf_counter()
+        step_updates()
+        sync()
+        update_seconds.append(time.perf_counter() - start)
+
+    optimizer.step = timed_update
     seconds, losses = [], []
     for step in range(warmup + steps):
         if step == warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        profiling = profile is not None and ranks.main and step == warmup + steps - 1
+        profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                           + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
+                    if profiling else contextlib.nullcontext())
         sync()
         start = time.perf_counter()
-        losses.append(optimizer_step(forward, model, optimizer, ((b[:, :-1], b[:, 1:]) for b in batches),
-                                     t.grad_accum, autocast, cfg.optim.grad_clip, device))
-        sync()
+        with profiler:
+            losses.append(optimizer_step(forward, model, optimizer, ((b[:, :-1], b[:, 1:]) for b in batches),
+                                         t.grad_accum, autocast, cfg.optim.grad_clip, device))
+            sync()
+        if profiling:
+            write_profile(profiler, profile)
         if step >= warmup:
             seconds.append(time.perf_counter() - start)
         if ranks.main:
@@ -89,6 +111,7 @@ def bench_scale(cfg: Config, steps: int, warmup: int, memory_cap: int | None = N
     peak = peak_tflops or (bf16_peak_tflops(name) if device.type == "cuda" else None)
     result = {"device": name, "cuda": device.type == "cuda", "world_size": ranks.world_size, "parameters": params,
               "steps": steps, "warmup": warmup, "tokens_per_step": tokens_per_step, "seconds_per_step": sum(seconds) / len(seconds),
+              "update_seconds_per_step": sum(update_seconds[warmup:]) / max(1, len(update_seconds[warmup:])),
               "tok_s": tok_s, "model_tflops": 6 * params * tok_s / 1e12, "peak_tflops": peak,
               "mfu": 6 * params * tok_s / (peak * 1e12 * ranks.world_size) if peak else None,
               "losses": losses, "peak_memory_bytes": peak_memory_bytes(device), "memory_cap_bytes": memory_cap,
@@ -97,6 +120,15 @@ def bench_scale(cfg: Config, steps: int, warmup: int, memory_cap: int | None = N
               "offload": cfg.dist.offload, "compile": t.compile}
     shutdown_distributed()
     return result if ranks.main else {}
+
+
+def write_profile(profiler: torch.profiler.profile, path: Path) -> None:
+    """The profiled step's operators and FSDP2's annotated phases, by total time, as a text table."""
+    averages = profiler.key_averages()
+    tables = [f"sorted by {key}:\n" + averages.table(sort_by=key, row_limit=40)
+              for key in ("cpu_time_total", "self_cpu_time_total", "device_time_total")]
+    path.write_text("\n\n".join(tables))
+    print(f"profile of the last step: {path}")
 
 
 def format_scale(r: dict) -> str:
@@ -116,7 +148,7 @@ def format_scale(r: dict) -> str:
         f"{r['tokens_per_step']:,} tokens per step, recompute {r['activation_checkpointing']}, "
         f"strategy {r['strategy']}{', offload' if r['offload'] else ''}, compile {r['compile']}",
         f"tok/s {r['tok_s']:,.0f} ({r['seconds_per_step']:.2f} s per step over {r['steps']} steps after "
-        f"{r['warmup']} warm-up)",
+        f"{r['warmup']} warm-up), of which optimizer.step {r['update_seconds_per_step']:.2f} s",
         f"model FLOP rate 6 x params x tok/s: {r['model_tflops']:,.3f} TFLOP/s; {mfu}",
         memory,
         f"losses: {', '.join(f'{x:.4f}' for x in r['losses'])}"])

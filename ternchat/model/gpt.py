@@ -211,11 +211,11 @@ class Block(nn.Module):
         self.attn_norm, self.attn = rms_norm(s.d_model), Attention(s, layer, gemm)
         self.mlp_norm, self.mlp = rms_norm(s.d_model), MLP(s, gemm)
         self.attn_residual, self.mlp_residual = residual(), residual()  # x + F(x), or mHC's wiring
-        self.recompute: Callable | None = None  # set by train/activation_checkpointing.py
+        self.recompute: dict[str, Callable] | None = None  # checkpoint's options, set by train/activation_checkpointing.py
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         if self.recompute is not None and cache is None and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cos, sin, None, use_reentrant=False, context_fn=self.recompute)
+            return checkpoint(self._forward, x, cos, sin, None, use_reentrant=False, **self.recompute)
         return self._forward(x, cos, sin, cache)
 
     def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:

@@ -25,7 +25,7 @@ import functools
 from typing import Callable
 
 import torch
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts, noop_context_fn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 MODES = ("none", "full", "selective")
 
@@ -47,19 +47,22 @@ def _save_matmuls_attention_and_scales(ctx, func, *args, **kwargs) -> Checkpoint
     return CheckpointPolicy.MUST_SAVE if func in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def recompute_context(mode: str) -> Callable | None:
-    """The `context_fn` that `torch.utils.checkpoint.checkpoint` takes for `mode`; None = no checkpointing."""
+def checkpoint_options(mode: str) -> dict[str, Callable] | None:
+    """The keyword arguments `torch.utils.checkpoint.checkpoint` takes for `mode`; None = no checkpointing.
+
+    "full" passes no `context_fn` at all: torch.compile cannot trace the default `noop_context_fn`
+    when it is passed explicitly (it fails with "checkpoint not implemented for ... context_fn")."""
     if mode == "none":
         return None
     if mode == "full":
-        return noop_context_fn
+        return {}
     if mode == "selective":
-        return functools.partial(create_selective_checkpoint_contexts, _save_matmuls_attention_and_scales)
+        return {"context_fn": functools.partial(create_selective_checkpoint_contexts, _save_matmuls_attention_and_scales)}
     raise ValueError(f"unknown activation checkpointing mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
 def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
     """Make every transformer block of `model` recompute its activations in backward (`mode` != "none")."""
-    context = recompute_context(mode)
+    options = checkpoint_options(mode)
     for block in model.blocks:
-        block.recompute = context
+        block.recompute = options

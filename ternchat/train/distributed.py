@@ -119,7 +119,56 @@ def parallelize(model: nn.Module, cfg: DistConfig, ranks: Ranks, device: torch.d
                     reshard_after_forward=cfg.reshard_after_forward)
     fully_shard(model, mp_policy=precision, offload_policy=offload,
                 reshard_after_forward=cfg.reshard_after_forward)
+    if cfg.offload:
+        _host_sums[model] = HostGradientSum(model.parameters())
     return model
+
+
+class HostGradientSum:
+    """The sum of the micro-batches' gradients of FSDP2-offloaded parameters, kept off the parameters.
+
+    With `CPUOffloadPolicy`, FSDP2 copies a reduced gradient to the host without blocking, into pinned
+    memory, only while the parameter has no gradient yet. From the second micro-batch on it copies into
+    pageable memory, blocking, and adds on the CPU (torch's `_fsdp_collectives.foreach_reduce`). On an
+    H100 that path dominated preset C's step (docs/scale.md). Taking each micro-batch's gradients off the
+    parameters after its backward (`collect`) keeps every copy on the pinned, asynchronous path; FSDP2
+    has waited for those copies when backward returns. `restore` puts the sums back before clipping and
+    the optimizer step."""
+
+    def __init__(self, params: Iterable[nn.Parameter]):
+        self.params = [p for p in params if p.requires_grad]
+        self.sums: dict[nn.Parameter, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def collect(self) -> None:
+        for p in self.params:
+            if p.grad is None:
+                continue
+            if p in self.sums:
+                self.sums[p].to_local().add_(p.grad.to_local())
+            else:
+                self.sums[p] = p.grad
+            p.grad = None
+
+    def restore(self) -> None:
+        for p, total in self.sums.items():
+            p.grad = total
+        self.sums = {}
+
+
+_host_sums: weakref.WeakKeyDictionary[nn.Module, HostGradientSum] = weakref.WeakKeyDictionary()
+
+
+def micro_batch_done(model: nn.Module) -> None:
+    """After a micro-batch's backward: move its gradients where the next one cannot slow them down."""
+    if model in _host_sums:
+        _host_sums[model].collect()
+
+
+def gradients_complete(model: nn.Module) -> None:
+    """After the last micro-batch: every parameter's gradient is its sum over the micro-batches again."""
+    if model in _host_sums:
+        _host_sums[model].restore()
 
 
 def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:

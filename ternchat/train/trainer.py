@@ -43,9 +43,9 @@ from ternchat.optim.factory import CombinedOptimizer, build_optimizer
 from ternchat.train.errors import RunError
 from ternchat.train.activation_checkpointing import apply_activation_checkpointing
 from ternchat.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ternchat.train.distributed import (Ranks, barrier, full_model_state, gather_objects, init_distributed,
-                                        is_sharded, launched_ranks, mean_across_ranks, model_home, parallelize,
-                                        shutdown_distributed)
+from ternchat.train.distributed import (Ranks, barrier, full_model_state, gather_objects, gradients_complete,
+                                        init_distributed, is_sharded, launched_ranks, mean_across_ranks,
+                                        micro_batch_done, model_home, parallelize, shutdown_distributed)
 from ternchat.train.metrics import MetricsLog
 from ternchat.train.schedule import RunLength, schedule
 
@@ -136,7 +136,9 @@ def optimizer_step(forward: Callable, model: torch.nn.Module, optimizer: Combine
         with autocast:
             loss = forward(x, y) / grad_accum
         loss.backward()
+        micro_batch_done(model)
         total += loss.detach()
+    gradients_complete(model)
     loss_value = mean_across_ranks(total).item()
     if math.isfinite(loss_value):
         if grad_clip > 0:
