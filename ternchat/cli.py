@@ -318,15 +318,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         completions = references(problems)
         out = args.out or Path("eval") / f"{Path(str(args.problems)).stem}_canonical"
     else:
-        from ternchat.eval.engine import complete
-        from ternchat.runs import load_model_and_tokenizer
+        from ternchat.eval.engine import chat_reply, complete
+        from ternchat.runs import load_model_and_tokenizer, run_stage
+        from ternchat.train.tfgrpo import Library, messages_with
 
         model, tok = load_model_and_tokenizer(args.run)
         temperature = 0.0 if args.samples == 1 and args.temperature is None else (args.temperature or 0.2)
+        chat = args.chat if args.chat is not None else (run_stage(args.run) != "pretrain" or bool(args.experiences))
+        library = Library.load(args.experiences) if args.experiences else Library()
+        print(f"prompting {'in the chat format (the task as the user turn)' if chat else 'by plain completion'}"
+              + (f", with {len(library.experiences)} experiences as the system message" if args.experiences else ""))
+
+        def sample(p, seed: int) -> str:
+            if chat:
+                return chat_reply(model, tok, messages_with(library, p), args.max_tokens, p.stop_tokens,
+                                  temperature=temperature, seed=seed)
+            return complete(model, tok, p.prompt, args.max_tokens, p.stop_tokens, temperature=temperature, seed=seed)
+
         completions = {}
         for p in tqdm(problems, desc="generate", unit="problem"):
-            completions[p.name] = [complete(model, tok, p.prompt, args.max_tokens, p.stop_tokens,
-                                            temperature=temperature, seed=args.seed + i) for i in range(args.samples)]
+            completions[p.name] = [sample(p, args.seed + i) for i in range(args.samples)]
         out = args.out or Path(args.run if args.run.is_dir() else args.run.parent) / "eval_humaneval_rust"
     print(f"sandbox: {iso.describe()}")
     bar = tqdm(total=sum(len(v) for v in completions.values()), desc="compile+run", unit="sample")
@@ -338,6 +349,97 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(", ".join(f"{k} {v:.3f}" for k, v in summary["pass@k"].items())
           + f", compile rate {summary['compile_rate']:.3f}, semantic correctness "
             f"{summary['semantic_correctness']:.3f}; outcomes {summary['outcomes']} -> {out}")
+    return 0
+
+
+def default_tasks_file() -> Path:
+    from ternchat.paths import ternchat_home
+
+    return ternchat_home() / "tasks" / "train_tasks.jsonl"
+
+
+def _build_tasks(out: Path, against: Sequence[str], workers: int, allow_unisolated: bool) -> dict:
+    from ternchat.verify.sandbox import Limits, checked_isolation
+    from ternchat.verify.tasks import build_training_tasks
+
+    limits = Limits(allow_unisolated=allow_unisolated)
+    print(f"sandbox: {checked_isolation(limits).describe()}")
+    report = build_training_tasks(out, against, workers, limits=limits)
+    for name, why in {**report["dropped_as_duplicates"], **report["failed_verification"]}.items():
+        print(f"  dropped {name}: {why}")
+    print(f"{report['kept']} of {report['generated']} tasks kept -> {out}")
+    return report
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    _build_tasks(args.out or default_tasks_file(), args.against, args.workers, args.allow_unisolated)
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from ternchat.data.pipeline import prepare_data
+    from ternchat.train.sft import sft
+
+    tasks = _training_tasks(args.tasks, args.allow_unisolated)
+    corpus_dir = None
+    if not args.no_corpus:
+        parent_config = args.run / "config.toml"
+        cfg = load_config(parent_config if parent_config.exists() else None)
+        corpus_dir = prepare_data(cfg, until="corpus").corpus_dir
+    out = args.out or args.run.with_name(args.run.name + "_sft")
+    result = sft(args.run, out, tasks, corpus_dir, args.overrides, args.resume)
+    vals = result["val_losses"]
+    print(f"SFT: {result['steps']} steps in {result['seconds']:.0f} s; held-out loss "
+          + (f"{vals[0]:.4f} -> {vals[-1]:.4f}" if vals else "not measured (no held-out conversations)")
+          + f" -> {out}")
+    return 0
+
+
+def _training_tasks(path: Path | None, allow_unisolated: bool) -> list:
+    from ternchat.verify.humaneval import load_problems
+
+    tasks_file = path or default_tasks_file()
+    if not tasks_file.exists():
+        if path:
+            raise DataError(f"no tasks file at {tasks_file}; make one with ternchat tasks --out {tasks_file}")
+        _build_tasks(tasks_file, [], 0, allow_unisolated)
+    return load_problems(tasks_file)
+
+
+def cmd_rl(args: argparse.Namespace) -> int:
+    from ternchat.train.rl import rl
+    from ternchat.verify.sandbox import Limits, checked_isolation
+
+    limits = Limits(allow_unisolated=args.allow_unisolated)
+    checked_isolation(limits)  # refuse before loading anything
+    out = args.out or args.run.with_name(args.run.name + "_rl")
+    result = rl(args.run, out, _training_tasks(args.tasks, args.allow_unisolated), args.overrides, args.resume,
+                limits, args.workers)
+    first, last = result["history"][:1], result["history"][-1:]
+    if first:
+        print(f"RL: {result['steps']} steps in {result['seconds']:.0f} s; mean reward {first[0]['mean_reward']:.3f} "
+              f"(first step) -> {last[0]['mean_reward']:.3f} (last) -> {out}")
+    return 0
+
+
+def cmd_tfgrpo(args: argparse.Namespace) -> int:
+    from ternchat.runs import load_model_and_tokenizer
+    from ternchat.train.tfgrpo import model_policy, tfgrpo
+    from ternchat.verify.sandbox import Limits, checked_isolation
+
+    limits = Limits(allow_unisolated=args.allow_unisolated)
+    checked_isolation(limits)
+    t = load_config(None, args.overrides).tfgrpo
+    model, tok = load_model_and_tokenizer(args.run)
+    out = args.out or args.run / "tfgrpo"
+    result = tfgrpo(model_policy(model, tok, t.max_tokens, t.temperature),
+                    _training_tasks(args.tasks, args.allow_unisolated), out, steps=t.steps,
+                    tasks_per_step=t.tasks_per_step, group_size=t.group_size, per_task=t.per_task,
+                    max_experiences=t.max_experiences, seed=t.seed, limits=limits, workers=args.workers, model=model)
+    for h in result["history"]:
+        print(f"step {h['step']}: pass rate {h['pass_rate']:.3f}, {h['mixed_groups']} mixed groups, "
+              f"{len(h['operations'])} operations, {h['experiences']} experiences")
+    print(f"weights unchanged (sha256 {result['weights_sha256'][:16]}); library -> {result['out']}")
     return 0
 
 
@@ -373,6 +475,21 @@ def _add_unisolated_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-unisolated", action="store_true",
                    help="compile and run untrusted Rust even where bubblewrap's namespaces are unavailable: the "
                         "programs can then read this user's files and reach the network (default: refuse)")
+
+
+def _add_stage_args(p: argparse.ArgumentParser, run_help: str, out_help: str, example: str, resume: bool,
+                    workers: bool) -> None:
+    """The options of the post-training commands (sft, rl, tfgrpo)."""
+    p.add_argument("--run", type=Path, required=True, metavar="DIR", help=run_help)
+    p.add_argument("--out", type=Path, metavar="DIR", help=out_help)
+    p.add_argument("--tasks", type=Path, metavar="FILE", help="training tasks (default: built by ternchat tasks)")
+    if workers:
+        p.add_argument("--workers", type=int, default=0, help="parallel sandboxes (default: all cores)")
+    if resume:
+        p.add_argument("--resume", action="store_true", help="continue --out from its latest checkpoint")
+    p.add_argument("--set", dest="overrides", metavar="SECTION.KEY=VALUE", action="append", default=[],
+                   help=f"override a config value, e.g. --set {example} (repeatable)")
+    _add_unisolated_arg(p)
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -540,8 +657,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="parallel sandboxes (default: all cores)")
     p.add_argument("--out", type=Path, help="report folder")
+    p.add_argument("--experiences", type=Path, metavar="FILE",
+                   help="a Training-Free GRPO library (ternchat tfgrpo) to put in the prompt as a system message")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="prompt in the chat format, the problem as the user turn (default: for runs made by "
+                        "ternchat sft or rl)")
     _add_unisolated_arg(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("tasks", help="build the training tasks for post-training (never the evaluation problems)",
+                       description="Generate small Rust tasks with reference solutions and tests, drop those that "
+                                   "resemble the shipped problems or an --against set, check in the sandbox that "
+                                   "each reference passes and a default body fails, and write JSONL in MultiPL-E's "
+                                   "layout.")
+    p.add_argument("--out", type=Path, help="output JSONL (default: $TERNCHAT_HOME/tasks/train_tasks.jsonl)")
+    p.add_argument("--against", action="append", default=[], metavar="FILE",
+                   help="another evaluation set to keep out, e.g. humaneval-rs.jsonl (repeatable)")
+    p.add_argument("--workers", type=int, default=0, help="parallel sandboxes (default: all cores)")
+    _add_unisolated_arg(p)
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning of a pretrained run on chat conversations",
+                       description="Start from --run's latest checkpoint (FIRE first with --set fire.at_sft=true), "
+                                   "train on the training tasks and documented corpus functions as conversations, "
+                                   "loss on the assistant's tokens only, and write a new run folder.")
+    _add_stage_args(p, "the pretrained run folder", "the new run folder (default: DIR_sft)", "sft.steps=500",
+                    resume=True, workers=False)
+    p.add_argument("--no-corpus", action="store_true", help="train on the tasks only, no corpus functions")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("rl", help="GRPO with rustc rewards on the training tasks",
+                       description="Start from --run's latest checkpoint (an SFT run; FIRE first with --set "
+                                   "fire.at_rl=true), sample groups of replies to training tasks, reward them in "
+                                   "the rustc sandbox (tests pass: 1, compiles: rl.compile_reward, else 0) and "
+                                   "update with the GRPO loss; writes a new run folder.")
+    _add_stage_args(p, "the run to start from (usually SFT)", "the new run folder (default: DIR_rl)",
+                    "rl.steps=50", resume=True, workers=True)
+    p.set_defaults(func=cmd_rl)
+
+    p = sub.add_parser("tfgrpo", help="Training-Free GRPO (adapted): learn an experience library, weights frozen",
+                       description="Sample groups of replies to training tasks with the current experience library "
+                                   "in the prompt, score them in the rustc sandbox, and turn the error codes that "
+                                   "only failing replies of mixed groups show into add/modify operations, merged "
+                                   "per batch; the model's weights are checked unchanged. Writes experiences.json "
+                                   "for ternchat eval --experiences.")
+    _add_stage_args(p, "the run whose model is frozen", "where experiences.json goes (default: DIR/tfgrpo)",
+                    "tfgrpo.steps=5", resume=False, workers=True)
+    p.set_defaults(func=cmd_tfgrpo)
 
     p = sub.add_parser("plan", help="memory plan per device: weights, gradients, optimizer state, activations",
                        description="Estimate the bytes a training run needs per device and whether it fits; "

@@ -295,6 +295,67 @@ class HardwareConfig:
 
 
 @dataclass
+class SFTConfig:
+    """[sft]: supervised fine-tuning on chat conversations (`ternchat sft`, train/sft.py)."""
+
+    steps: int = _field(300, min=1, doc="optimizer steps")
+    batch_size: int = _field(8, min=1, doc="conversations per step (padded to the longest)")
+    lr_scale: float = _field(0.1, min=0.0, doc="multiplier of the pretraining learning rates, decayed linearly to 0")
+    corpus_conversations: int = _field(2000, min=0, doc="most conversations mined from the corpus (a `///` "
+                                                         "documented fn: doc and signature in, body out)")
+    task_copies: int = _field(4, min=0, doc="times each training task appears per epoch (they are few)")
+    val_fraction: float = _field(0.1, min=0.0, max=0.5, doc="share of the conversations held out for the loss")
+    eval_every: int = _field(25, min=1, doc="steps between held-out loss passes")
+    checkpoint_every: int = _field(100, min=0, doc="steps between checkpoints; 0 = only at the end")
+    seed: int = _field(0, min=0, doc="seed of the conversation order and the held-out split")
+
+
+@dataclass
+class RLConfig:
+    """[rl]: GRPO with rustc rewards on the training tasks (`ternchat rl`, train/rl.py)."""
+
+    steps: int = _field(30, min=1, doc="optimizer steps, one per batch of groups")
+    prompts_per_step: int = _field(4, min=1, doc="training tasks per step")
+    group_size: int = _field(8, min=2, doc="replies sampled per task (the group of GRPO)")
+    max_tokens: int = _field(96, min=1, doc="longest reply")
+    temperature: float = _field(1.0, min=0.0, doc="sampling temperature of the replies")
+    compile_reward: float = _field(0.2, min=0.0, max=1.0, doc="reward of a reply that compiles but fails its "
+                                                              "tests (passing: 1, not compiling: 0)")
+    normalize_std: bool = _field(False, doc="divide advantages by the group's std (the paper; nanochat does not)")
+    kl_coef: float = _field(0.0, min=0.0, doc="weight of the k3 KL to the starting policy (0 = none, nanochat)")
+    lr_scale: float = _field(0.05, min=0.0, doc="multiplier of the pretraining learning rates")
+    checkpoint_every: int = _field(10, min=0, doc="steps between checkpoints; 0 = only at the end")
+    seed: int = _field(0, min=0, doc="seed of the task order and the sampling")
+
+
+@dataclass
+class TFGRPOConfig:
+    """[tfgrpo]: Training-Free GRPO, adapted (`ternchat tfgrpo`, train/tfgrpo.py): an experience library in
+    the prompt, learned from groups of rollouts, weights frozen."""
+
+    steps: int = _field(3, min=1, doc="steps (the paper: 3 epochs over 100 problems)")
+    tasks_per_step: int = _field(8, min=1, doc="tasks per step")
+    group_size: int = _field(5, min=2, doc="rollouts per task (the paper's G = 5)")
+    temperature: float = _field(0.7, min=0.0, doc="sampling temperature of the rollouts (the paper's 0.7)")
+    max_tokens: int = _field(96, min=1, doc="longest rollout")
+    per_task: int = _field(1, min=1, max=8, doc="operations one task's group may propose (the paper: one)")
+    max_experiences: int = _field(16, min=1, doc="largest library; the least supported experiences go first")
+    seed: int = _field(0, min=0, doc="seed of the task order and the sampling")
+
+
+@dataclass
+class FireConfig:
+    """[fire]: FIRE (train/fire.py) on the weights when a run switches stage."""
+
+    at_sft: bool = _field(False, doc="orthogonalize the pretrained weights before SFT starts")
+    at_rl: bool = _field(False, doc="orthogonalize the SFT weights before RL starts")
+    mode: str = _field("exact", choices=("exact", "newton_schulz"),
+                       doc="exact: the polar factor by SVD (the paper's objective); newton_schulz: the official "
+                           "code's cubic iteration")
+    iterations: int = _field(5, min=1, max=100, doc="newton_schulz: steps (the official code uses 5)")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -310,6 +371,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    tfgrpo: TFGRPOConfig = field(default_factory=TFGRPOConfig)
+    fire: FireConfig = field(default_factory=FireConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

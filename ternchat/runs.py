@@ -42,3 +42,12 @@ def load_model_and_tokenizer(source: Path) -> tuple[GPT, Tokenizer]:
     if want_hash is not None and tok.hash != want_hash:
         raise DataError(f"{source} was made with tokenizer {want_hash[:12]}, but {tok_dir} holds {tok.hash[:12]}")
     return model, tok
+
+
+def run_stage(source: Path) -> str:
+    """The training stage that made a run folder's latest checkpoint: "pretrain", "sft" or "rl"
+    (a packed model file, which keeps no stage, counts as "pretrain")."""
+    checkpoint = latest_checkpoint(source) if Path(source).is_dir() else None
+    if checkpoint is None:
+        return "pretrain"
+    return json.loads((checkpoint / "trainer.json").read_text()).get("stage", "pretrain")

@@ -118,3 +118,39 @@ def train_stop_and_resume(cfg, run: Path, last_step: int) -> list[dict]:
     losses = lambda rows: {r["step"]: r["loss"] for r in rows if "loss" in r}  # noqa: E731
     assert losses(again) == losses(first) and len(losses(first)) == last_step
     return first
+
+
+@pytest.fixture(scope="session")
+def task_tokenizer():
+    """A small tokenizer trained on the training tasks' text, role tokens included."""
+    from ternchat.data.tokenizer import Tokenizer
+    from ternchat.verify.tasks import generate_tasks
+
+    return Tokenizer.train([t.prompt + t.reference + t.tests for t in generate_tasks()] * 3, 512)
+
+
+@pytest.fixture
+def pretrained_run(task_tokenizer):
+    """A factory of run folders holding a tiny randomly initialized model (2 x 64, context 256) at step 10,
+    with its config and tokenizer: what post-training stages start from."""
+    from dataclasses import asdict
+
+    import torch
+
+    from ternchat.config import load_config
+    from ternchat.model.gpt import GPT, GPTShape
+    from ternchat.train.checkpoint import save_checkpoint
+
+    def make(parent: Path) -> Path:
+        cfg = load_config(overrides=["model.depth=2", "model.d_model=64", "model.n_heads=2", "model.seq_len=256",
+                                     f"tokenizer.vocab_size={task_tokenizer.vocab_size}", "train.dtype=fp32"])
+        shape = GPTShape.from_config(cfg, task_tokenizer.vocab_size)
+        torch.manual_seed(0)
+        run = parent / "pre"
+        run.mkdir(parents=True)
+        (run / "config.toml").write_text(cfg.to_toml())
+        task_tokenizer.save(run / "tokenizer")
+        save_checkpoint(run, 10, GPT(shape).state_dict(), {}, {"step": 10, "model_shape": asdict(shape)})
+        return run
+
+    return make

@@ -239,6 +239,18 @@ def _speculative(model: GPT, prompt: Sequence[int], max_new_tokens: int, tempera
         chosen = correction
 
 
+def _text_until(tokens: Iterator[int], tokenizer, stop: Sequence[str]) -> str:
+    """Decode generated tokens until a stop string appears (kept) or the tokens end."""
+    ids: list[int] = []
+    text = ""
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if any(s in text for s in stop):
+            break
+    return text
+
+
 def complete(model: GPT, tokenizer, prompt: str, max_new_tokens: int, stop: Sequence[str] = (), *,
              temperature: float = 0.2, top_k: int = 50, top_p: float = 0.95, seed: int | None = None,
              speculative: bool | None = None) -> str:
@@ -246,12 +258,17 @@ def complete(model: GPT, tokenizer, prompt: str, max_new_tokens: int, stop: Sequ
     speculative (same greedy output, same sampling distribution) by default when the model has MTP."""
     if speculative is None:
         speculative = getattr(model, "mtp", None) is not None
-    ids: list[int] = []
-    text = ""
-    for token in generate(model, tokenizer.encode(prompt), max_new_tokens, temperature=temperature, top_k=top_k,
-                          top_p=top_p, seed=seed, stop_ids=[tokenizer.eod_id], speculative=speculative):
-        ids.append(token)
-        text = tokenizer.decode(ids)
-        if any(s in text for s in stop):
-            break
-    return text
+    return _text_until(generate(model, tokenizer.encode(prompt), max_new_tokens, temperature=temperature, top_k=top_k,
+                                top_p=top_p, seed=seed, stop_ids=[tokenizer.eod_id], speculative=speculative),
+                       tokenizer, stop)
+
+
+def chat_reply(model: GPT, tokenizer, messages: Sequence[dict], max_new_tokens: int, stop: Sequence[str] = (), *,
+               temperature: float = 0.2, top_k: int = 50, top_p: float = 0.95, seed: int | None = None) -> str:
+    """The assistant's reply to a conversation that ends with a user turn (the chat format of
+    data/chat.py), ending before <|assistant_end|>, the end-of-document token or a stop string."""
+    from ternchat.data.chat import completion_prompt
+
+    stop_ids = [tokenizer.special("<|assistant_end|>"), tokenizer.eod_id]
+    return _text_until(generate(model, completion_prompt(messages, tokenizer), max_new_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=seed, stop_ids=stop_ids), tokenizer, stop)

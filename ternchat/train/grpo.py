@@ -10,8 +10,8 @@ per batch of samples) the per-token term is the paper's clipped surrogate
     min(rho A, clip(rho, 1 - eps_clip, 1 + eps_clip) A),  rho = pi / pi_old,
 and with `ref_logprobs` and `kl_coef` > 0 the paper's k3 estimate of KL(pi || pi_ref),
     exp(ref - logp) - (ref - logp) - 1, is added per token with that weight. A group whose rewards are
-all equal has zero advantages and so adds nothing. The stage that samples groups, scores them in the
-rustc sandbox and calls this loss (`ternchat rl`) is not built yet.
+all equal has zero advantages and so adds nothing. `ternchat rl` (train/rl.py) samples the groups,
+scores them in the rustc sandbox and calls this loss.
 """
 
 from __future__ import annotations
@@ -53,6 +53,6 @@ def grpo_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, a
     per_token = -objective + kl_coef * kl
     tokens = mask.sum().clamp(min=1)
     loss = (per_token * mask).sum() / tokens
-    stats = {"tokens": float(mask.sum()), "kl": float((kl * mask).sum() / tokens),
+    stats = {"tokens": float(mask.sum()), "kl": float((kl.detach() * mask).sum() / tokens),
              "mean_logprob": float((logp.detach() * mask).sum() / tokens)}
     return loss, stats

@@ -1,0 +1,178 @@
+"""Supervised fine-tuning (SFT): the chat stage after pretraining, as nanochat's `chat_sft.py` runs it.
+
+The data is conversations in the chat format (data/chat.py). The user gives a Rust function's doc
+comment and signature; the assistant writes its body and closing brace. There are two sources:
+- the training tasks (verify/tasks.py, sandbox-verified, never the evaluation problems), each
+  repeated `sft.task_copies` times per epoch since they are few;
+- functions mined from the pretraining corpus's train split: a `///` documented `fn` whose body
+  closes at its own indentation, with a body of 1 to 40 lines.
+
+The loss is the cross-entropy of the assistant's tokens only (the mask of `render_conversation`),
+averaged over those tokens in the batch. Conversations are padded to the longest in the batch and cut
+at the model's context. A seeded share (`sft.val_fraction`) is held out, and its loss is logged every
+`sft.eval_every` steps. That held-out curve is how plasticity is compared with and without FIRE.
+
+The run starts from a pretrained run's latest checkpoint, with its latent weights, tokenizer and
+optimizers (learning rates times `sft.lr_scale`, decayed linearly to 0). With `[fire] at_sft` the
+weights first go through FIRE. It writes a new run folder, with checkpoints in the trainer's format,
+metrics.jsonl, the tokenizer, and config.toml whose `trainer.json` says `stage = "sft"`, so
+`ternchat eval --run` prompts it in the chat format. `--resume` continues from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ternchat.data.chat import render_conversation
+from ternchat.data.corpus import iter_documents
+from ternchat.data.errors import DataError
+from ternchat.model.gpt import GPT
+from ternchat.train.errors import RunError
+from ternchat.train.stage import start_stage
+from ternchat.train.trainer import autocast_for
+from ternchat.verify.humaneval import Problem
+
+IGNORE = -100  # F.cross_entropy's ignore_index
+_DOCUMENTED_FN = re.compile(r"^(?P<doc>(?:(?P<indent>[ \t]*)///[^\n]*\n)+)(?P=indent)(?P<sig>(?:pub(?:\([^)]*\))? )?"
+                            r"(?:const |async |unsafe )*fn [^\n]*\{)[ \t]*\n", re.M)
+
+
+def task_conversation(problem: Problem, reply: str | None = None) -> list[dict]:
+    """A task as a conversation: its prompt (doc comment and signature) in, the body and `}` out."""
+    body = problem.reference if reply is None else reply
+    return [{"role": "user", "content": problem.prompt}, {"role": "assistant", "content": body.rstrip() + "\n}"}]
+
+
+def corpus_conversations(texts: Iterable[str], limit: int, seed: int = 0, max_body_lines: int = 40
+                         ) -> list[list[dict]]:
+    """Documented functions from source files as conversations (doc and signature in, body out): a seeded
+    sample of `limit` of them, drawn across all the files."""
+    found = []
+    for text in texts:
+        for m in _DOCUMENTED_FN.finditer(text):
+            indent = m.group("indent")
+            closing = re.compile(rf"^{re.escape(indent)}\}}[ \t]*$", re.M).search(text, m.end())
+            if closing is None:
+                continue
+            body = text[m.end():closing.start()].rstrip()
+            lines = body.count("\n") + 1
+            if not body.strip() or lines > max_body_lines:
+                continue
+            found.append([{"role": "user", "content": m.group("doc") + indent + m.group("sig") + "\n"},
+                          {"role": "assistant", "content": body + "\n" + indent + "}"}])
+    return random.Random(seed).sample(found, min(limit, len(found)))
+
+
+def conversation_batch(items: Sequence[tuple[list[int], list[int]]], seq_len: int,
+                       pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of padded conversations; targets are IGNORE except at the assistant's tokens."""
+    length = min(seq_len, max(len(ids) - 1 for ids, _ in items))
+    inputs = torch.full((len(items), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(items), length), IGNORE, dtype=torch.long)
+    for row, (ids, mask) in enumerate(items):
+        ids, mask = ids[:length + 1], mask[:length + 1]
+        n = len(ids) - 1
+        inputs[row, :n] = torch.tensor(ids[:-1])
+        targets[row, :n] = torch.tensor([t if m else IGNORE for t, m in zip(ids[1:], mask[1:])])
+    return inputs, targets
+
+
+def masked_loss(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the target tokens that are not IGNORE (the next-token head only)."""
+    logits = model(inputs).float()
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+
+
+def split_conversations(conversations: list[list[dict]], val_fraction: float, seed: int
+                        ) -> tuple[list[list[dict]], list[list[dict]]]:
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_val = int(len(order) * val_fraction)
+    return [conversations[i] for i in order[n_val:]], [conversations[i] for i in order[:n_val]]
+
+
+def sft(parent: Path, out: Path, tasks: Sequence[Problem], corpus_dir: Path | None, overrides: Sequence[str] = (),
+        resume: bool = False, log=print) -> dict:
+    """Fine-tune `parent`'s model on chat conversations into the run folder `out` (module docstring)."""
+    stage = start_stage("sft", parent, out, overrides, resume, log)
+    cfg, model, tok, optimizer, device = stage.cfg, stage.model, stage.tok, stage.optimizer, stage.device
+    s = cfg.sft
+    conversations = [task_conversation(p) for p in tasks for _ in range(s.task_copies)]
+    mined = (corpus_conversations(iter_documents(corpus_dir, "train"), s.corpus_conversations, s.seed)
+             if corpus_dir else [])
+    train_set, val_set = split_conversations(conversations + mined, s.val_fraction, s.seed)
+    if not train_set:
+        raise DataError("no SFT conversations: give training tasks or a corpus with documented functions")
+    train_items = [render_conversation(c, tok) for c in train_set]
+    val_items = [render_conversation(c, tok) for c in val_set]
+    log(f"SFT data: {len(tasks)} tasks x {s.task_copies} + {len(mined)} corpus functions -> {len(train_items)} "
+        f"training and {len(val_items)} held-out conversations")
+    pad = tok.special("<|assistant_end|>")
+    autocast = autocast_for(cfg.train.dtype, device)
+
+    def batch_at(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step i's conversations: epochs of a seeded order, so a resumed run sees the same batches."""
+        per_epoch = max(1, len(train_items) // s.batch_size)
+        epoch, k = divmod(i, per_epoch)
+        order = list(range(len(train_items)))
+        random.Random(f"{s.seed}:{epoch}").shuffle(order)
+        chosen = [train_items[j] for j in order[k * s.batch_size:(k + 1) * s.batch_size]]
+        x, y = conversation_batch(chosen, model.shape.seq_len, pad)
+        return x.to(device), y.to(device)
+
+    @torch.no_grad()
+    def held_out_loss() -> float | None:
+        if not val_items:
+            return None
+        model.eval()
+        total, count = 0.0, 0
+        for i in range(0, len(val_items), s.batch_size):
+            x, y = conversation_batch(val_items[i:i + s.batch_size], model.shape.seq_len, pad)
+            x, y = x.to(device), y.to(device)
+            with autocast:
+                logits = model(x).float()
+            total += F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE,
+                                     reduction="sum").item()
+            count += int((y != IGNORE).sum())
+        model.train()
+        return total / max(count, 1)
+
+    if stage.step == 0:
+        stage.metrics.write(step=0, event="val", val_loss=held_out_loss())
+    model.train()
+    start, losses = time.perf_counter(), []
+    bar = tqdm(total=s.steps, initial=stage.step, desc="sft", unit="step")
+    while stage.step < s.steps:
+        lr_scale = s.lr_scale * (1 - stage.step / s.steps)
+        optimizer.set_schedule(lr_scale)
+        x, y = batch_at(stage.step)
+        with autocast:
+            loss = masked_loss(model, x, y)
+        if not torch.isfinite(loss):
+            raise RunError(f"SFT loss is {loss.item()} at step {stage.step}; lower sft.lr_scale")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        stage.step += 1
+        losses.append(loss.item())
+        stage.metrics.write(step=stage.step, event="train", loss=losses[-1], lr_scale=lr_scale)
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if stage.step % s.eval_every == 0 or stage.step == s.steps:
+            stage.metrics.write(step=stage.step, event="val", val_loss=held_out_loss())
+        if s.checkpoint_every and stage.step % s.checkpoint_every == 0 and stage.step < s.steps:
+            stage.save()
+    bar.close()
+    stage.save()
+    vals = [r["val_loss"] for r in stage.metrics.read() if r.get("event") == "val" and r.get("val_loss") is not None]
+    return {"run": str(out), "steps": stage.step, "seconds": time.perf_counter() - start,
+            "final_train_loss": losses[-1] if losses else None, "val_losses": vals,
+            "train_conversations": len(train_items), "val_conversations": len(val_items), "fire": stage.fire_report}

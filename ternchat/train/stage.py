@@ -1,0 +1,101 @@
+"""A post-training stage's run folder: what SFT and RL share.
+
+A stage starts from another run's latest checkpoint (its latent weights, tokenizer and config), may
+apply FIRE at the switch ([fire]), and writes a new run folder: checkpoints in the trainer's format,
+whose `trainer.json` names the stage and the parent run, metrics.jsonl, the tokenizer and config.toml.
+`ternchat eval`, `sample` and `export` read it like any run. With `resume` it continues from the
+folder's own latest checkpoint (weights, optimizer state and RNG), and metrics past that step are
+dropped, since the run repeats them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file
+
+from ternchat.config import Config, load_config
+from ternchat.data.errors import DataError
+from ternchat.data.tokenizer import Tokenizer
+from ternchat.model.gpt import GPT, GPTShape
+from ternchat.optim.factory import CombinedOptimizer, build_optimizer
+from ternchat.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
+from ternchat.train.distributed import Ranks
+from ternchat.train.errors import RunError
+from ternchat.train.fire import apply_fire
+from ternchat.train.metrics import MetricsLog
+
+
+def load_pretrained(run_dir: Path) -> tuple[Config, GPT, Tokenizer, dict]:
+    """A run's config, latent model (BitLinears with their full-precision weights), tokenizer and trainer state."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise DataError(f"{run_dir} has no checkpoint to start from; train it first")
+    verify_checkpoint(checkpoint)
+    state = json.loads((checkpoint / "trainer.json").read_text())
+    cfg = load_config(run_dir / "config.toml") if (run_dir / "config.toml").exists() else load_config()
+    model = GPT(GPTShape(**state["model_shape"]))
+    model.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    return cfg, model, Tokenizer.load(run_dir / "tokenizer"), state
+
+
+@dataclass
+class Stage:
+    name: str
+    parent: Path
+    out: Path
+    cfg: Config
+    model: GPT
+    tok: Tokenizer
+    optimizer: CombinedOptimizer
+    metrics: MetricsLog
+    device: torch.device
+    step: int
+    parent_state: dict
+    fire_report: dict | None
+
+    def save(self) -> Path:
+        return save_checkpoint(self.out, self.step, self.model.state_dict(), self.optimizer.state_dict(),
+                               {"step": self.step, "stage": self.name, "parent": str(self.parent),
+                                "parent_step": self.parent_state.get("step"),
+                                "model_shape": self.parent_state["model_shape"]})
+
+
+def start_stage(name: str, parent: Path, out: Path, overrides: Sequence[str], resume: bool, log=print) -> Stage:
+    """Load `parent`, apply FIRE when the config's `fire.at_<name>` says so (a new run only), and open or
+    resume the run folder `out`."""
+    parent, out = Path(parent), Path(out)
+    if latest_checkpoint(out) is not None and not resume:
+        raise RunError(f"{out} already has checkpoints; pass --resume to continue it, or choose another --out")
+    _, model, tok, parent_state = load_pretrained(parent)
+    saved = out / "config.toml" if resume and (out / "config.toml").exists() else parent / "config.toml"
+    cfg = load_config(saved if saved.exists() else None, overrides)
+    fire_report = None
+    if getattr(cfg.fire, f"at_{name}") and not resume:
+        fire_report = apply_fire(model, cfg.fire.mode, cfg.fire.iterations)
+        flipped = fire_report["ternary_codes_flipped"]
+        log(f"FIRE ({cfg.fire.mode}) on {fire_report['matrices']} matrices"
+            + (f": {100 * flipped:.1f}% of the ternary codes flipped" if flipped is not None else ""))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    optimizer = build_optimizer(model, cfg.optim, Ranks())
+    metrics = MetricsLog(out / "metrics.jsonl")
+    step = 0
+    checkpoint = latest_checkpoint(out) if resume else None
+    if checkpoint is not None:
+        step = load_checkpoint(checkpoint, model, optimizer, model.shape)["step"]
+        metrics.truncate_after(step)
+        log(f"resumed {out} at step {step}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(parent / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+        (out / "config.toml").write_text(cfg.to_toml())
+        metrics.path.unlink(missing_ok=True)
+        if fire_report is not None:
+            metrics.write(step=0, event="fire", **fire_report)
+    return Stage(name, parent, out, cfg, model, tok, optimizer, metrics, device, step, parent_state, fire_report)
