@@ -178,6 +178,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from ternchat.eval.chat import ChatSession, Sampling, run_terminal
+    from ternchat.runs import load_model_and_tokenizer, run_stage
+
+    model, tok = load_model_and_tokenizer(args.run)
+    chat_format = args.chat if args.chat is not None else run_stage(args.run) != "pretrain"
+    session = ChatSession(model, tok, chat_format, Sampling(args.max_tokens, args.temperature, args.top_k, args.top_p,
+                                                            args.seed), args.system)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    run_terminal(session, input, write)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
@@ -565,6 +582,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a looped model ([loop]): Q-exit, stop each token's passes once the cumulative exit "
                         "probability reaches Q (1 = every pass); default: the run's loop.exit_threshold")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("chat", help="talk to a trained model in the terminal",
+                       description="A multi-turn chat with streamed replies in the chat format for runs made by "
+                                   "ternchat sft or rl; for a pretrained run each line is continued as a prompt. "
+                                   "/reset starts over, /quit or end of input leaves.")
+    p.add_argument("--run", type=Path, required=True, metavar="PATH", help="run folder or packed .safetensors")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="use the chat format (default: for runs made by ternchat sft or rl)")
+    p.add_argument("--system", help="a system message that opens the conversation")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("export", help="export a run's model with packed ternary weights",
                        description="Write the latest checkpoint's model as packed ternary weights (5 trits per "

@@ -19,6 +19,8 @@ def test_batch_masks_the_reply_tokens_only():
     assert x.tolist() == [[1, 2, 3, 7], [1, 2, 0, 0]]
     assert y.tolist() == [[2, 3, 7, 8], [2, 9, 0, 0]]
     assert mask.tolist() == [[0, 0, 1, 1], [0, 1, 0, 0]]  # targets 7, 8 and 9: the replies
+    x, y, mask = sequences_batch([[1, 2, 3]], [[7, 8]], pad_id=0, seq_len=3)  # the oldest prompt token goes
+    assert x.tolist() == [[2, 3, 7]] and y.tolist() == [[3, 7, 8]] and mask.tolist() == [[0, 1, 1]]
 
 
 @pytest.mark.usefixtures("sandbox_ready")
@@ -39,7 +41,7 @@ def test_a_tiny_rl_run_samples_scores_updates_and_resumes(tmp_path, pretrained_r
     assert result["steps"] == 2 and run_stage(tmp_path / "rl") == "rl"
     rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    assert all(0 <= r["mean_reward"] <= 1 and r["tokens"] > 0 and torch.isfinite(torch.tensor(r["loss"]))
+    assert all(0 <= r["mean_reward"] <= 1 and 0 <= r["compile_rate"] <= 1 and r["tokens"] > 0 and torch.isfinite(torch.tensor(r["loss"]))
                for r in rows)
     again = rl(parent, tmp_path / "rl", tasks, [*sets, "rl.steps=3"], resume=True, limits=FAST, log=lambda *a: None)
     assert again["steps"] == 3 and [h["step"] for h in again["history"]] == [3]

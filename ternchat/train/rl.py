@@ -69,9 +69,11 @@ def sample_group(model, tok, task: Problem, size: int, max_tokens: int, temperat
     return prompt, replies, texts
 
 
-def sequences_batch(prompts: Sequence[list[int]], replies: Sequence[list[int]], pad_id: int
+def sequences_batch(prompts: Sequence[list[int]], replies: Sequence[list[int]], pad_id: int, seq_len: int = 1 << 30
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(inputs, targets, mask) of prompt + reply rows, padded; mask 1 where the target is a reply token."""
+    """(inputs, targets, mask) of prompt + reply rows, padded; mask 1 where the target is a reply token. A
+    prompt loses its oldest tokens where its row would not fit the context, as it did at generation."""
+    prompts = [p[max(0, len(p) + len(r) - 1 - seq_len):] for p, r in zip(prompts, replies)]
     rows = [p + r for p, r in zip(prompts, replies)]
     length = max(len(r) for r in rows) - 1
     inputs = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -105,9 +107,9 @@ def rl(parent: Path, out: Path, tasks: Sequence[Problem], overrides: Sequence[st
         random.Random(f"{r.seed}:{epoch}").shuffle(order)
         return [tasks[i] for i in order[k * r.prompts_per_step:(k + 1) * r.prompts_per_step]]
 
-    def scored(task: Problem, texts: list[str]) -> list[float]:
+    def scored(task: Problem, texts: list[str]) -> list[tuple[float, bool]]:
         outcomes = score([task], {task.name: texts}, workers=workers, limits=limits)[task.name]
-        return [reward_of(o, r.compile_reward) for o in outcomes]
+        return [(reward_of(o, r.compile_reward), reward_of(o, 1.0) > 0) for o in outcomes]
 
     start, history = time.perf_counter(), []
     bar = tqdm(total=r.steps, initial=stage.step, desc="rl", unit="step")
@@ -120,11 +122,13 @@ def rl(parent: Path, out: Path, tasks: Sequence[Problem], overrides: Sequence[st
             prompts += [prompt] * len(ids)
             replies += ids
             pending.append(pool.submit(scored, task, texts))
-        rewards = torch.tensor([x for f in pending for x in f.result()]).view(len(pending), r.group_size)
+        results = [x for f in pending for x in f.result()]
+        rewards = torch.tensor([reward for reward, _ in results]).view(len(pending), r.group_size)
+        compiled = sum(c for _, c in results) / len(results)
         advantages = group_advantages(rewards, r.normalize_std).flatten()
         model.train()
         optimizer.set_schedule(r.lr_scale)
-        x, y, mask = (t.to(device) for t in sequences_batch(prompts, replies, pad))
+        x, y, mask = (t.to(device) for t in sequences_batch(prompts, replies, pad, model.shape.seq_len))
         ref_logprobs = None
         if reference is not None:
             with torch.no_grad(), autocast:
@@ -137,7 +141,7 @@ def rl(parent: Path, out: Path, tasks: Sequence[Problem], overrides: Sequence[st
         optimizer.zero_grad()
         stage.step += 1
         record = {"step": stage.step, "event": "train", "loss": loss.item(), "mean_reward": rewards.mean().item(),
-                  "pass_rate": (rewards == 1.0).float().mean().item(),
+                  "pass_rate": (rewards == 1.0).float().mean().item(), "compile_rate": compiled,
                   "mixed_groups": int(((rewards.max(1).values - rewards.min(1).values) > 0).sum()), **stats}
         stage.metrics.write(**record)
         history.append(record)

@@ -1,0 +1,100 @@
+"""`ternchat chat`: talk to a run in the terminal, with the reply streamed as it is generated.
+
+A run made by `ternchat sft` or `rl` is prompted in the chat format (data/chat.py): the conversation so
+far, then <|assistant_start|>, and the reply ends at <|assistant_end|>. Turns accumulate; when the
+conversation outgrows the model's context, generation keeps its most recent tokens. A pretrained run has
+no chat format, so each line is a prompt for the model to continue until the end-of-document token. A
+model with MTP heads or modules decodes self-speculatively (the same greedy output, the same sampling
+distribution). The reply's bytes go through an incremental UTF-8 decoder, so a character split across
+tokens prints whole. `/reset` starts a new conversation, `/quit` or end of input leaves.
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from ternchat.data.chat import completion_prompt
+from ternchat.data.tokenizer import Tokenizer
+from ternchat.eval.engine import generate
+from ternchat.model.gpt import GPT
+
+
+@dataclass
+class Sampling:
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_k: int = 50
+    top_p: float = 0.95
+    seed: int | None = None
+
+
+def stream_text(tokens: Iterator[int], tok: Tokenizer) -> Iterator[str]:
+    """Text pieces of generated tokens, never splitting a UTF-8 character."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        piece = decoder.decode(tok.decode_bytes([token]))
+        if piece:
+            yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+class ChatSession:
+    """One conversation with a model: `reply(text)` streams the answer to a user turn."""
+
+    def __init__(self, model: GPT, tok: Tokenizer, chat_format: bool, sampling: Sampling, system: str | None = None):
+        self.model, self.tok, self.chat_format, self.sampling = model, tok, chat_format, sampling
+        self.system = system
+        self.speculative = getattr(model, "mtp", None) is not None
+        self.turn = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+
+    def reply(self, text: str) -> Iterator[str]:
+        s = self.sampling
+        if self.chat_format:
+            self.messages.append({"role": "user", "content": text})
+            prompt = completion_prompt(self.messages, self.tok)
+            stop = [self.tok.special("<|assistant_end|>"), self.tok.eod_id]
+        else:
+            prompt, stop = self.tok.encode(text), [self.tok.eod_id]
+        seed = None if s.seed is None else s.seed + self.turn
+        self.turn += 1
+        tokens = generate(self.model, prompt, s.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                          seed=seed, stop_ids=stop, speculative=self.speculative)
+        answer = ""
+        for piece in stream_text(tokens, self.tok):
+            answer += piece
+            yield piece
+        if self.chat_format:
+            self.messages.append({"role": "assistant", "content": answer})
+
+
+def run_terminal(session: ChatSession, read: Callable[[str], str], write: Callable[[str], None]) -> None:
+    """The read-reply loop: `read(prompt)` gives a line (EOFError ends), `write` prints a piece."""
+    mode = "chat" if session.chat_format else "completion (a pretrained run: each line is continued)"
+    write(f"ternchat chat, {mode}; /reset starts over, /quit leaves\n")
+    while True:
+        try:
+            line = read("you> ")
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return
+        command = line.strip()
+        if command == "/quit":
+            return
+        if command == "/reset":
+            session.reset()
+            write("(new conversation)\n")
+            continue
+        if not command:
+            continue
+        write("model> " if session.chat_format else "model> " + line)
+        for piece in session.reply(line):
+            write(piece)
+        write("\n")
