@@ -112,6 +112,13 @@ class ModelConfig:
     d_ff: int = _field(0, min=0, doc="MLP hidden width; 0 = 4 * d_model")
     seq_len: int = _field(256, min=8, max=1_048_576, doc="context length in tokens")
     quant: str = _field("ternary", choices=("ternary", "none"), doc="block linears: BitNet b1.58 ternary or dense")
+    mlp: str = _field("relu2", choices=("relu2", "relu2_glu", "swiglu"),
+                      doc="relu2: down(relu(up x)^2); relu2_glu: down(relu(gate x)^2 * up x), as HF BitNetForCausalLM; "
+                          "swiglu: down(silu(gate x) * up x), as llama.cpp's bitnet graph (each with SubLN before down)")
+    qk_norm: bool = _field(True, doc="RMSNorm on each head's queries and keys before RoPE (HF BitNet and llama.cpp's "
+                                     "bitnet graph have none)")
+    tie_embeddings: bool = _field(False, doc="the LM head is the token embedding (llama.cpp's bitnet graph and "
+                                             "microsoft/bitnet-b1.58-2B-4T tie them)")
 
 
 @dataclass

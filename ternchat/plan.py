@@ -58,10 +58,20 @@ NS_BYTES_PER_VALUE = 16.0
 NS_BYTES_PER_GRAM = 6.0
 
 
+def one_block_matrices(s: GPTShape) -> list[tuple[int, int]]:
+    """(rows, cols) of one block's matrices, as nn.Linear stores them (out, in): q, k, v, o, [gate,] up, down."""
+    mlp_in = [(s.d_ff, s.d_model)] * (1 if s.mlp == "relu2" else 2)
+    return [(s.d_model, s.d_model)] * 4 + mlp_in + [(s.d_model, s.d_ff)]
+
+
+def one_block_gains(s: GPTShape) -> int:
+    """One block's norm gains: the two pre-norms, [q and k norms,] and the SubLNs before o_proj and down."""
+    return 2 * s.d_model + (2 * s.head_dim if s.qk_norm else 0) + s.d_model + s.d_ff
+
+
 def block_matrices(s: GPTShape) -> list[tuple[int, int]]:
-    """(rows, cols) of every block matrix, as nn.Linear stores them (out, in): q, k, v, o, up, down."""
-    per_block = [(s.d_model, s.d_model)] * 4 + [(s.d_ff, s.d_model), (s.d_model, s.d_ff)]
-    return per_block * s.depth
+    """(rows, cols) of every block matrix of the trunk."""
+    return one_block_matrices(s) * s.depth
 
 
 def hyper_connection_matrices(s: GPTShape) -> list[tuple[int, int]]:
@@ -82,17 +92,15 @@ def mtp_matrices(s: GPTShape) -> list[tuple[int, int]]:
     """The matrices of multi-token prediction: a block per extra head, or per module plus its 2d -> d projection."""
     if s.mtp_kind == "none":
         return []
-    per_block = [(s.d_model, s.d_model)] * 4 + [(s.d_ff, s.d_model), (s.d_model, s.d_ff)]
     projection = [(s.d_model, 2 * s.d_model)] if s.mtp_kind == "modules" else []
-    return (per_block + projection) * s.mtp_n_future
+    return (one_block_matrices(s) + projection) * s.mtp_n_future
 
 
 def mtp_gains(s: GPTShape) -> int:
     """Norm gains of multi-token prediction: each block's, and each head's or module's own norms."""
     if s.mtp_kind == "none":
         return 0
-    block = 2 * s.d_model + 2 * s.head_dim + s.d_model + s.d_ff
-    return s.mtp_n_future * (block + (3 if s.mtp_kind == "modules" else 1) * s.d_model)
+    return s.mtp_n_future * (one_block_gains(s) + (3 if s.mtp_kind == "modules" else 1) * s.d_model)
 
 
 def adamw_8bit_available() -> bool:
@@ -141,11 +149,22 @@ def newton_schulz_workspace(s: GPTShape, o: OptimConfig) -> float:
     return max(newton_schulz_workspace_of(min(k, stack_size(r, c)), r, c, o) for (r, c), k in shapes.items())
 
 
+def activation_bytes_per_token(s: GPTShape) -> float:
+    """What one block saves for backward per token under bf16 autocast, fitted to autograd's saved tensors
+    (tests/test_plan.py): 58 d + 12 d_ff + 16 heads for the default block; QK-norm's share is 16 d + 8
+    heads; a gated MLP's gate adds 4.5 d_ff."""
+    qk = 16 * s.d_model + 8 * s.n_heads if s.qk_norm else 0
+    gate = 4.5 * s.d_ff if s.mlp != "relu2" else 0
+    return 42 * s.d_model + 12 * s.d_ff + 8 * s.n_heads + qk + gate
+
+
 def selective_bytes_per_token(s: GPTShape) -> float:
     """What selective checkpointing keeps per token and block under bf16 autocast: the fp32 block input,
     the bf16 outputs of the matmuls (q, k, v, o: 4 d; up: d_ff; down: d) and of attention (d, plus its
     fp32 log-sum-exp per head), and the fp32 per-token reductions of the norms and of BitLinear's scales."""
-    return 4 * s.d_model + 2 * (6 * s.d_model + s.d_ff) + 4 * s.n_heads + 4 * (6 + 4 + 2 * s.n_heads)
+    gate = 2 * s.d_ff if s.mlp != "relu2" else 0  # the gate's matmul output
+    qk = 8 * s.n_heads if s.qk_norm else 0  # the q and k norms' reductions
+    return 4 * s.d_model + 2 * (6 * s.d_model + s.d_ff) + gate + 4 * s.n_heads + 4 * (6 + 4) + qk
 
 
 BACKWARD_PHASE = ("activations", "logits gradient")
@@ -195,12 +214,11 @@ def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gp
     trunk = block_matrices(s) + hyper_connection_matrices(s)
     matrices = trunk + mtp_matrices(s)
     matrix_params = sum(r * c for r, c in matrices)
-    embed_head = 2 * s.vocab_size * s.d_model
+    embed_head = (1 if s.tie_embeddings else 2) * s.vocab_size * s.d_model
     n = s.mhc_streams
     hc_scalars = 0 if n == 1 else 2 * s.depth * (3 + n * n + 2 * n)  # gating factors and static biases
     exit_gate = s.d_model + 1 if s.loop_steps > 1 else 0
-    gains = (s.depth * (2 * s.d_model + 2 * s.head_dim + s.d_model + s.d_ff) + s.d_model + mtp_gains(s)
-             + hc_scalars + exit_gate)
+    gains = s.depth * one_block_gains(s) + s.d_model + mtp_gains(s) + hc_scalars + exit_gate
     params = matrix_params + embed_head + gains
     notes = []
     eight_bit_adamw = o.adamw_8bit and not o.foam_embed_head
@@ -231,11 +249,12 @@ def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gp
     # copy under FSDP2): every block's, or with recompute only the block being recomputed.
     # A looped model's ternary weights are quantized again in each pass, so each pass saves its own copy.
     looped_copies = (s.loop_steps - 1) * sum(r * c for r, c in block_matrices(s))
-    weight_copies = 2 * ((block_values if recompute != "none" else matrix_params + looped_copies) + embed_head / 2)
+    head_values = s.vocab_size * s.d_model  # the head's bf16 copy (tied or not)
+    weight_copies = 2 * ((block_values if recompute != "none" else matrix_params + looped_copies) + head_values)
 
     def components(batch: int) -> dict[str, float]:
         tokens = batch * s.seq_len
-        per_block = 58 * s.d_model + 12 * s.d_ff + 16 * s.n_heads
+        per_block = activation_bytes_per_token(s)
         trunk_block = per_block + hyper_connection_activation_bytes(s)
         # a looped model keeps every pass's activations and every pass's logits (its exit objective)
         passes = s.loop_steps
@@ -252,8 +271,7 @@ def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gp
         kept_logits = passes + (s.mtp_n_future if s.mtp_kind == "modules" else 0)
         activations = saved + tokens * (10 * s.d_model * passes + 4 * s.vocab_size * kept_logits) + weight_copies
         if s.mtp_kind == "heads":  # the gradients the heads' sequential backward holds until the trunk's
-            activations += 4.0 * (sum(r * c for r, c in mtp_matrices(s)) + mtp_gains(s) + embed_head / 2
-                                  + s.d_model)
+            activations += 4.0 * (sum(r * c for r, c in mtp_matrices(s)) + mtp_gains(s) + head_values + s.d_model)
         parts = {"weights (fp32 latent)": 4.0 * params / shards, "gradients (fp32)": 4.0 * params / shards,
                  "optimizer state": float(optimizer), "activations": float(activations),
                  "logits gradient": 8.0 * s.vocab_size * tokens, STEP_PHASE: float(optimizer_workspace)}

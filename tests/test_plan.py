@@ -39,7 +39,9 @@ def saved_activation_bytes(cfg) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("extra", [[], ["mhc.enabled=true"], ["mhc.enabled=true", "mhc.streams=2"],
+@pytest.mark.parametrize("extra", [[], ["model.mlp=relu2_glu"], ["model.mlp=swiglu", "model.qk_norm=false"],
+                                   ["model.tie_embeddings=true", "model.qk_norm=false"],
+                                   ["mhc.enabled=true"], ["mhc.enabled=true", "mhc.streams=2"],
                                    ["loop.enabled=true", "loop.steps=3"],
                                    ["mhc.enabled=true", "loop.enabled=true", "loop.steps=2"]])
 def test_activation_model_matches_what_autograd_saves(extra):
@@ -48,7 +50,8 @@ def test_activation_model_matches_what_autograd_saves(extra):
     assert abs(planned - saved_activation_bytes(cfg)) < 0.02 * planned
 
 
-@pytest.mark.parametrize("extra", [[], ["mhc.enabled=true", "loop.enabled=true", "loop.steps=2"]])
+@pytest.mark.parametrize("extra", [[], ["mhc.enabled=true", "loop.enabled=true", "loop.steps=2"],
+                                   ["model.mlp=relu2_glu", "model.qk_norm=false", "model.tie_embeddings=true"]])
 def test_plan_is_a_close_upper_bound_of_the_measured_tensor_peak(extra):
     cfg = load_config(overrides=[*SMALL, *extra])
     plan = plan_memory(cfg, 2048, device="cpu")

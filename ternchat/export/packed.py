@@ -87,5 +87,7 @@ def load_packed(path: Path) -> tuple[GPT, str]:
                 state[f"{name}.beta"] = f.get_tensor(f"{name}.beta").reshape(())
         for name, p in model.named_parameters():
             state[name] = f.get_tensor(name).float()
+        if shape.tie_embeddings:  # one stored matrix, two names in the model
+            state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state)
     return model.eval(), meta["tokenizer_hash"]

@@ -1,9 +1,11 @@
 """The GPT: a decoder-only transformer whose block linears are ternary BitLinear layers.
 
-Read top to bottom: token embedding (full precision, untied from the head) -> `depth` pre-norm
-blocks -> final RMSNorm -> LM head (full precision). A block is
+Read top to bottom: token embedding (full precision, untied from the head unless `tie_embeddings`) ->
+`depth` pre-norm blocks -> final RMSNorm -> LM head (full precision). A block is
     x = x + o_proj(SubLN(attention(RMSNorm(x))))      attention: q/k/v projections, QK-norm, RoPE, causal SDPA
     x = x + down(SubLN(relu(up(RMSNorm(x)))^2))       ReLU^2 MLP
+The architecture knobs `mlp` (relu2, or the gated relu2_glu / swiglu with a third `gate` matrix),
+`qk_norm` and `tie_embeddings` give the shapes other engines load natively (docs/use.md).
 with SubLN the extra RMSNorm before the output projections of BitNet b1.58 2B4T. As there, q, k
 and v are three BitLinear layers, each with its own absmean scale (a fused QKV matrix would share
 one scale, and Muon would orthogonalize the three as one matrix). There are no biases. Which
@@ -73,6 +75,9 @@ class GPTShape:
     fp4_seed: int = 0
     collider_filter_frac: float = 0.0  # share of tokens Collider filters; 0 = off (training only)
     collider_reference: str = ""  # run folder of Rho-1's reference model; empty = score by the loss
+    mlp: str = "relu2"  # relu2, relu2_glu (HF BitNet) or swiglu (llama.cpp's bitnet graph)
+    qk_norm: bool = True
+    tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mtp_weights", tuple(self.mtp_weights))  # a list after a JSON round trip
@@ -97,7 +102,8 @@ class GPTShape:
                          fp4_head=f.quantize_head, fp4_hadamard=f.hadamard_block, fp4_seed=f.seed)
         if cfg.collider.enabled:
             extra.update(collider_filter_frac=cfg.collider.filter_frac, collider_reference=cfg.collider.reference)
-        return cls(vocab_size, m.depth, m.d_model, m.n_heads, m.d_ff or 4 * m.d_model, m.seq_len, m.quant, **extra)
+        return cls(vocab_size, m.depth, m.d_model, m.n_heads, m.d_ff or 4 * m.d_model, m.seq_len, m.quant, **extra,
+                   mlp=m.mlp, qk_norm=m.qk_norm, tie_embeddings=m.tie_embeddings)
 
     def for_inference(self) -> "GPTShape":
         """The same model without the training-only GEMM hooks (precision recipe, token filter)."""
@@ -171,7 +177,8 @@ class Attention(nn.Module):
         self.q_proj = make_linear(s.d_model, s.d_model, s.quant, gemm)
         self.k_proj = make_linear(s.d_model, s.d_model, s.quant, gemm)
         self.v_proj = make_linear(s.d_model, s.d_model, s.quant, gemm)
-        self.q_norm, self.k_norm = rms_norm(s.head_dim), rms_norm(s.head_dim)
+        self.q_norm, self.k_norm = ((rms_norm(s.head_dim), rms_norm(s.head_dim)) if s.qk_norm
+                                    else (nn.Identity(), nn.Identity()))
         self.sub_norm = rms_norm(s.d_model)
         self.o_proj = make_linear(s.d_model, s.d_model, s.quant, gemm)
 
@@ -194,14 +201,25 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """relu2: down(SubLN(relu(up x)^2)); the gated forms multiply the activation of a gate projection
+    with up x: relu(gate x)^2 (relu2_glu, HF BitNet) or silu(gate x) (swiglu, llama.cpp's bitnet)."""
+
     def __init__(self, s: GPTShape, gemm: Gemm = NO_HOOKS):
         super().__init__()
+        self.kind = s.mlp
+        self.gate = make_linear(s.d_model, s.d_ff, s.quant, gemm) if s.mlp != "relu2" else None
         self.up = make_linear(s.d_model, s.d_ff, s.quant, gemm)
         self.sub_norm = rms_norm(s.d_ff)
         self.down = make_linear(s.d_ff, s.d_model, s.quant, gemm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.sub_norm(F.relu(self.up(x)).square()))
+        if self.gate is None:
+            hidden = F.relu(self.up(x)).square()
+        elif self.kind == "swiglu":
+            hidden = F.silu(self.gate(x)) * self.up(x)
+        else:
+            hidden = F.relu(self.gate(x)).square() * self.up(x)
+        return self.down(self.sub_norm(hidden))
 
 
 class Block(nn.Module):
@@ -246,6 +264,8 @@ class GPT(nn.Module):
                                     for i in range(shape.depth))
         self.final_norm = rms_norm(shape.d_model)
         self.lm_head = Linear(shape.d_model, shape.vocab_size, head_gemm)
+        if shape.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
         self.mtp = make_mtp(shape, lambda layer: Block(shape, layer), rms_norm)  # plain residual: one block each
         self.loop = make_loop(shape)
         cos, sin = rotary_tables(shape.seq_len, shape.head_dim)
@@ -259,11 +279,15 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.embed.weight, std=1.0)
-        nn.init.normal_(self.lm_head.weight, std=0.001)
+        if self.shape.tie_embeddings:  # one matrix embeds and scores: a linear's scale, not the embedding's 1.0
+            nn.init.normal_(self.embed.weight, std=self.shape.d_model ** -0.5)
+        else:
+            nn.init.normal_(self.embed.weight, std=1.0)
+            nn.init.normal_(self.lm_head.weight, std=0.001)
         for block in (m for m in self.modules() if isinstance(m, Block)):  # the trunk's and MTP's
-            for linear in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.mlp.up):
-                nn.init.normal_(linear.weight, std=linear.in_features ** -0.5)
+            for linear in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.mlp.up, block.mlp.gate):
+                if linear is not None:
+                    nn.init.normal_(linear.weight, std=linear.in_features ** -0.5)
             for linear in (block.attn.o_proj, block.mlp.down):  # residual branches start silent
                 nn.init.zeros_(linear.weight)
         for projection in getattr(self.mtp, "projections", ()):
@@ -408,7 +432,8 @@ class GPT(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters by kind: embedding, head, block matrices (ternary or dense), norm gains."""
-        counts = {"embedding": self.embed.weight.numel(), "head": self.lm_head.weight.numel(),
+        head = 0 if self.lm_head.weight is self.embed.weight else self.lm_head.weight.numel()
+        counts = {"embedding": self.embed.weight.numel(), "head": head,
                   "block_matrices": 0, "norm_gains": 0}
         for module in self.blocks.modules():
             if isinstance(module, (nn.Linear, TernaryLinear)):

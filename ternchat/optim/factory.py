@@ -118,8 +118,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, ranks: Ranks = Ranks()) 
             layers.setdefault(re.match(r"(.*?\.\d+)\.", name).group(1), []).append(p)
         else:
             gains.append(p)
-    embed_head = [dict(params=[model.embed.weight], lr=cfg.lr_embed, weight_decay=0.0),
-                  dict(params=[model.lm_head.weight], lr=cfg.lr_head, weight_decay=0.0)]
+    if model.lm_head.weight is model.embed.weight:  # tied: the head's rate (the embedding's is far too large)
+        embed_head = [dict(params=[model.embed.weight], lr=cfg.lr_head, weight_decay=0.0)]
+    else:
+        embed_head = [dict(params=[model.embed.weight], lr=cfg.lr_embed, weight_decay=0.0),
+                      dict(params=[model.lm_head.weight], lr=cfg.lr_head, weight_decay=0.0)]
     gains_group = [dict(params=gains, lr=cfg.lr_scalar, weight_decay=0.0)]
     if ranks.distributed or is_sharded(model):
         matrix_opt = OwnedMatrices(list(layers.values()), lambda ls: build_matrix_optimizer(ls, cfg), ranks)

@@ -69,13 +69,26 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
 
 
+def separate_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors that share no memory, as safetensors requires: a tied matrix (the head that is
+    the embedding) is written under both names, the second a copy."""
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        t = tensor.detach().contiguous().cpu()
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
 def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], optimizer_state: Any,
                     trainer_state: dict) -> Path:
     """Write a checkpoint of whole tensors (a distributed run gathers them first: train/distributed.py)."""
     out = checkpoint_dir(run_dir, step)
     out.parent.mkdir(parents=True, exist_ok=True)
     with building(out) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
+        save_file(separate_storage(model_state), tmp / "model.safetensors")
         torch.save(optimizer_state, tmp / "optimizer.pt")
         (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "rng": rng_state()}, indent=1))
         sums = {}
