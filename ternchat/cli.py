@@ -397,6 +397,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
     from ternchat.data.pipeline import prepare_data
     from ternchat.train.sft import sft
 
+    _require_checkpoint(args.run)
     tasks = _training_tasks(args.tasks, args.allow_unisolated)
     corpus_dir = None
     if not args.no_corpus:
@@ -410,6 +411,14 @@ def cmd_sft(args: argparse.Namespace) -> int:
           + (f"{vals[0]:.4f} -> {vals[-1]:.4f}" if vals else "not measured (no held-out conversations)")
           + f" -> {out}")
     return 0
+
+
+def _require_checkpoint(run: Path) -> None:
+    """Stop before building tasks or data when the run to start from has nothing to load."""
+    from ternchat.train.checkpoint import latest_checkpoint
+
+    if not run.is_dir() or latest_checkpoint(run) is None:
+        raise DataError(f"{run} has no checkpoint to start from; train it first (ternchat train)")
 
 
 def _training_tasks(path: Path | None, allow_unisolated: bool) -> list:
@@ -427,6 +436,7 @@ def cmd_rl(args: argparse.Namespace) -> int:
     from ternchat.train.rl import rl
     from ternchat.verify.sandbox import Limits, checked_isolation
 
+    _require_checkpoint(args.run)
     limits = Limits(allow_unisolated=args.allow_unisolated)
     checked_isolation(limits)  # refuse before loading anything
     out = args.out or args.run.with_name(args.run.name + "_rl")
@@ -444,6 +454,7 @@ def cmd_tfgrpo(args: argparse.Namespace) -> int:
     from ternchat.train.tfgrpo import model_policy, tfgrpo
     from ternchat.verify.sandbox import Limits, checked_isolation
 
+    _require_checkpoint(args.run)
     limits = Limits(allow_unisolated=args.allow_unisolated)
     checked_isolation(limits)
     t = load_config(None, args.overrides).tfgrpo

@@ -99,3 +99,15 @@ def test_fire_at_the_switch_is_applied_and_logged(tmp_path, pretrained_run):
     assert result["fire"]["matrices"] == len(fire_targets(load_pretrained(parent)[1])) > 0
     events = [json.loads(line) for line in (tmp_path / "fired" / "metrics.jsonl").read_text().splitlines()]
     assert events[0]["event"] == "fire" and 0 < events[0]["ternary_codes_flipped"] < 1
+
+
+@pytest.mark.parametrize("command", ["sft", "rl", "tfgrpo"])
+def test_stages_refuse_a_run_without_checkpoints_before_doing_anything(tmp_path, command):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "ternchat", command, "--run", str(tmp_path / "missing")],
+                            capture_output=True, text=True, env={"TERNCHAT_HOME": str(tmp_path / "home"),
+                                                                 "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1 and "has no checkpoint to start from" in result.stderr
+    assert not (tmp_path / "home").exists()  # no tasks or data were built first
