@@ -24,7 +24,6 @@ Not built: RLEF's multi-turn episodes (compiler errors of public tests fed back 
 from __future__ import annotations
 
 import copy
-import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,7 +36,7 @@ from ternchat.data.chat import completion_prompt
 from ternchat.eval.engine import generate
 from ternchat.train.errors import RunError
 from ternchat.train.grpo import group_advantages, grpo_loss, token_logprobs
-from ternchat.train.stage import start_stage
+from ternchat.train.stage import start_stage, step_items
 from ternchat.train.trainer import autocast_for
 from ternchat.verify.humaneval import Problem, score
 from ternchat.verify.sandbox import Limits, Outcome
@@ -100,13 +99,6 @@ def rl(parent: Path, out: Path, tasks: Sequence[Problem], overrides: Sequence[st
     pad = tok.special("<|assistant_end|>")
     pool = ThreadPoolExecutor(max_workers=1)  # the sandbox scores one group while the next is sampled
 
-    def tasks_at(step: int) -> list[Problem]:
-        per_epoch = max(1, len(tasks) // r.prompts_per_step)
-        epoch, k = divmod(step, per_epoch)
-        order = list(range(len(tasks)))
-        random.Random(f"{r.seed}:{epoch}").shuffle(order)
-        return [tasks[i] for i in order[k * r.prompts_per_step:(k + 1) * r.prompts_per_step]]
-
     def scored(task: Problem, texts: list[str]) -> list[tuple[float, bool]]:
         outcomes = score([task], {task.name: texts}, workers=workers, limits=limits)[task.name]
         return [(reward_of(o, r.compile_reward), reward_of(o, 1.0) > 0) for o in outcomes]
@@ -116,7 +108,7 @@ def rl(parent: Path, out: Path, tasks: Sequence[Problem], overrides: Sequence[st
     while stage.step < r.steps:
         model.eval()
         prompts, replies, pending = [], [], []
-        for j, task in enumerate(tasks_at(stage.step)):
+        for j, task in enumerate(step_items(tasks, r.prompts_per_step, stage.step, r.seed)):
             prompt, ids, texts = sample_group(model, tok, task, r.group_size, r.max_tokens, r.temperature,
                                               seed=r.seed + 1000 * stage.step + 100 * j)
             prompts += [prompt] * len(ids)

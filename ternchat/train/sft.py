@@ -36,7 +36,7 @@ from ternchat.data.corpus import iter_documents
 from ternchat.data.errors import DataError
 from ternchat.model.gpt import GPT
 from ternchat.train.errors import RunError
-from ternchat.train.stage import start_stage
+from ternchat.train.stage import start_stage, step_items
 from ternchat.train.trainer import autocast_for
 from ternchat.verify.humaneval import Problem
 
@@ -85,10 +85,11 @@ def conversation_batch(items: Sequence[tuple[list[int], list[int]]], seq_len: in
     return inputs, targets
 
 
-def masked_loss(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the target tokens that are not IGNORE (the next-token head only)."""
+def masked_loss(model: GPT, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy (mean or sum) over the target tokens that are not IGNORE (the next-token head only)."""
     logits = model(inputs).float()
-    return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+                           reduction=reduction)
 
 
 def split_conversations(conversations: list[list[dict]], val_fraction: float, seed: int
@@ -119,13 +120,7 @@ def sft(parent: Path, out: Path, tasks: Sequence[Problem], corpus_dir: Path | No
     autocast = autocast_for(cfg.train.dtype, device)
 
     def batch_at(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step i's conversations: epochs of a seeded order, so a resumed run sees the same batches."""
-        per_epoch = max(1, len(train_items) // s.batch_size)
-        epoch, k = divmod(i, per_epoch)
-        order = list(range(len(train_items)))
-        random.Random(f"{s.seed}:{epoch}").shuffle(order)
-        chosen = [train_items[j] for j in order[k * s.batch_size:(k + 1) * s.batch_size]]
-        x, y = conversation_batch(chosen, model.shape.seq_len, pad)
+        x, y = conversation_batch(step_items(train_items, s.batch_size, i, s.seed), model.shape.seq_len, pad)
         return x.to(device), y.to(device)
 
     @torch.no_grad()
@@ -138,9 +133,7 @@ def sft(parent: Path, out: Path, tasks: Sequence[Problem], corpus_dir: Path | No
             x, y = conversation_batch(val_items[i:i + s.batch_size], model.shape.seq_len, pad)
             x, y = x.to(device), y.to(device)
             with autocast:
-                logits = model(x).float()
-            total += F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE,
-                                     reduction="sum").item()
+                total += masked_loss(model, x, y, reduction="sum").item()
             count += int((y != IGNORE).sum())
         model.train()
         return total / max(count, 1)

@@ -11,6 +11,7 @@ dropped, since the run repeats them.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,16 @@ from ternchat.train.distributed import Ranks
 from ternchat.train.errors import RunError
 from ternchat.train.fire import apply_fire
 from ternchat.train.metrics import MetricsLog
+
+
+def step_items(items: Sequence, per_step: int, step: int, seed: int) -> list:
+    """Step `step`'s items: consecutive slices of a seeded order, reshuffled each epoch, so a resumed run
+    draws exactly what the uninterrupted one would have."""
+    per_epoch = max(1, len(items) // per_step)
+    epoch, k = divmod(step, per_epoch)
+    order = list(range(len(items)))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return [items[i] for i in order[k * per_step:(k + 1) * per_step]]
 
 
 def load_pretrained(run_dir: Path) -> tuple[Config, GPT, Tokenizer, dict]:
