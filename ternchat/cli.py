@@ -127,12 +127,13 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import codecs
-
+    from ternchat.eval.chat import StopText, stream_text
+    from ternchat.eval.decode_step import prepare_decoding
     from ternchat.eval.engine import SpeculationStats, generate
     from ternchat.runs import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(args.run)
+    compiled_step = prepare_decoding(model, args.kernel, args.compile and not args.speculative)
     if args.speculative and model.mtp is None:
         print(f"error: --speculative needs a model trained with multi-token prediction ([mtp]); {args.run} has none",
               file=sys.stderr)
@@ -141,8 +142,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         print(f"error: --exit-threshold needs a looped model ([loop]); {args.run} has none", file=sys.stderr)
         return 2
     stats, passes = SpeculationStats(), []
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    text, count, start = "", 0, time.perf_counter()
+    count, start = 0, time.perf_counter()
     if args.fim_suffix is not None:  # fill in the middle: prefix and suffix in, the middle streamed between
         from ternchat.data.fim import fim_prompt
 
@@ -150,20 +150,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         prompt_ids = tok.encode(args.prompt)
     sys.stdout.write(args.prompt)
-    for token in generate(model, prompt_ids, args.max_tokens, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=[tok.eod_id],
-                          speculative=args.speculative, stats=stats, exit_threshold=args.exit_threshold,
-                          passes_run=passes):
-        count += 1
-        piece = decoder.decode(tok.decode_bytes([token]))
-        text += piece
-        hit = next((s for s in args.stop if s in text), None)
-        if hit is not None:
-            piece = piece[:len(piece) - (len(text) - text.index(hit))]
+
+    def counted(tokens):
+        nonlocal count
+        for token in tokens:
+            count += 1
+            yield token
+
+    tokens = generate(model, prompt_ids, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, seed=args.seed, stop_ids=[tok.eod_id], speculative=args.speculative,
+                      stats=stats, exit_threshold=args.exit_threshold, passes_run=passes, compiled_step=compiled_step)
+    for piece in StopText(args.stop).cut(stream_text(counted(tokens), tok)):
         sys.stdout.write(piece)
         sys.stdout.flush()
-        if hit is not None:
-            break
     if args.fim_suffix is not None:
         sys.stdout.write(args.fim_suffix)
     seconds = time.perf_counter() - start
@@ -180,12 +179,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from ternchat.eval.chat import ChatSession, Sampling, run_terminal
+    from ternchat.eval.decode_step import prepare_decoding
     from ternchat.runs import load_model_and_tokenizer, run_stage
 
     model, tok = load_model_and_tokenizer(args.run)
     chat_format = args.chat if args.chat is not None else run_stage(args.run) != "pretrain"
-    session = ChatSession(model, tok, chat_format, Sampling(args.max_tokens, args.temperature, args.top_k, args.top_p,
-                                                            args.seed), args.system)
+    sampling = Sampling(args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    session = ChatSession(model, tok, chat_format, sampling, args.system,
+                          prepare_decoding(model, args.kernel, args.compile))
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -195,17 +196,51 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ternchat.eval.serve import Limits, serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"serve: listening on {args.host}: anyone who can reach this address can use the model", file=sys.stderr)
+    serve(args.run, args.host, args.port, args.chat, Limits(args.max_tokens_limit, args.max_body_bytes), args.kernel,
+          args.compile)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from ternchat.export.packed import export_packed
     from ternchat.runs import load_model_and_tokenizer
 
     if not args.run.is_dir():
         raise DataError(f"--run {args.run}: export takes a run folder")
     model, tok = load_model_and_tokenizer(args.run)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.float_dtype or ("bf16" if args.format == "packed"
+                                                                                  else "fp32")]
+    if args.format == "hf":
+        from ternchat.export.hf import check_logits, export_hf
+
+        out = args.out or args.run / "hf"
+        written = export_hf(model, tok, args.run / "tokenizer", out, dtype, args.layout)
+        print(f"wrote {out}: {written['layout']}, {written['bytes'] / 2 ** 20:.2f} MiB"
+              + ("; the MTP heads are not exported" if written["mtp_dropped"] else ""))
+        if args.check:
+            result = check_logits(out, model, tok, _check_texts())
+            print(f"transformers ({result['class']}) against ternchat, fp32, {result['tokens']} positions: max |logit "
+                  f"difference| {result['max_abs_logit_diff']:.3g}, {result['within_1e-4']} positions within 1e-4, "
+                  f"same top token at {result['same_top_token']}")
+        return 0
+    if args.format == "gguf":
+        from ternchat.export.gguf import export_gguf
+
+        out = args.out or args.run / f"model_{args.quant}.gguf"
+        written = export_gguf(model, tok, out, args.quant, dtype, args.run.name)
+        print(f"wrote {out}: llama.cpp bitnet, {args.quant.upper()} block matrices, {written['bytes'] / 2 ** 20:.2f} MiB"
+              + ("; the MTP heads are not exported" if written["mtp_dropped"] else "")
+              + ". Check it against ternchat: python scripts/check_gguf.py --run RUN --gguf FILE")
+        return 0
+    from ternchat.export.packed import export_packed
+
     out = args.out or args.run / "model_packed.safetensors"
-    dtype = torch.bfloat16 if args.float_dtype == "bf16" else torch.float32
     sizes = export_packed(model, out, tok.hash, dtype)
     mib = 2 ** 20
     print(f"wrote {out}: {sizes['packed_bytes'] / mib:.2f} MiB; the same model is {sizes['fp32_bytes'] / mib:.2f} MiB "
@@ -213,6 +248,13 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"bf16 ({sizes['bf16_bytes'] / sizes['packed_bytes']:.1f}x). Ternary matrices "
           f"{sizes['ternary_bytes'] / mib:.2f} MiB, embedding, head and gains {sizes['other_bytes'] / mib:.2f} MiB.")
     return 0
+
+
+def _check_texts() -> list[str]:
+    """Texts to compare an export on: the evaluation problems' prompts (Rust the model was trained for)."""
+    from ternchat.verify.humaneval import load_problems
+
+    return [p.prompt for p in load_problems()[:4]]
 
 
 def _report(args: argparse.Namespace, result: dict, format_table: Callable[[dict], str]) -> None:
@@ -277,6 +319,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench = gemm_bench.bench_precision if args.what == "precision" else gemm_bench.bench_collider
         table = gemm_bench.format_precision if args.what == "precision" else gemm_bench.format_collider
         _report(args, bench(args.config, args.overrides, args.optim_steps), table)
+        return 0
+    if args.what == "decode":
+        from ternchat.bench.decode_bench import bench_decode, format_decode
+
+        _report(args, bench_decode(args.decode_tokens), format_decode)
         return 0
     if args.what == "mtp":
         from ternchat.bench.mtp_bench import bench_mtp, format_mtp
@@ -520,6 +567,13 @@ def _add_stage_args(p: argparse.ArgumentParser, run_help: str, out_help: str, ex
     _add_unisolated_arg(p)
 
 
+def _add_decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernel", choices=["int8", "float"], default="int8",
+                   help="ternary linears: int8 GEMM on the codes (default) or the exact float kernel of training")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-token decoding step (a one-time cost of tens of seconds, then faster tokens)")
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--run-dir", metavar="DIR", help="run folder (default: runs/<train.run_name>)")
@@ -586,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    _add_decode_args(p)
     p.add_argument("--speculative", action="store_true",
                    help="self-speculative decoding: the model's MTP heads or modules draft, the main head verifies "
                         "(greedy output identical to plain decoding; samples from the same distribution)")
@@ -607,16 +662,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50, help="0 = off")
     p.add_argument("--top-p", type=float, default=0.95, help="1 = off")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    _add_decode_args(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("export", help="export a run's model with packed ternary weights",
-                       description="Write the latest checkpoint's model as packed ternary weights (5 trits per "
-                                   "byte) with embedding and head in bf16, in safetensors.")
+    p = sub.add_parser("serve", help="serve a web chat page and an OpenAI-compatible API",
+                       description="One process: the chat page at / and /v1/chat/completions, /v1/completions and "
+                                   "/v1/models in OpenAI's shapes (streamed or whole). Binds 127.0.0.1 unless "
+                                   "--host says otherwise.")
+    p.add_argument("--run", type=Path, required=True, metavar="PATH", help="run folder or packed .safetensors")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="use the chat format (default: for runs made by ternchat sft or rl)")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="the most tokens one request may ask for")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="the largest request body accepted")
+    _add_decode_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export a run's model: packed ternary, Hugging Face or GGUF",
+                       description="packed: ternchat's own file, ternary weights 5 trits per byte (1.6 bits), "
+                                   "embedding and head in bf16. hf: a transformers folder (config, safetensors "
+                                   "with 2-bit codes, tokenizer, chat template): native BitNetForCausalLM for "
+                                   "mlp=relu2_glu and qk_norm=false, remote code otherwise. gguf: llama.cpp's "
+                                   "bitnet graph with TQ2_0/TQ1_0 matrices (mlp=swiglu, qk_norm=false, "
+                                   "tie_embeddings=true, d_model and d_ff multiples of 256).")
     p.add_argument("--run", type=Path, required=True, metavar="DIR", help="run folder")
-    p.add_argument("--format", choices=["packed"], default="packed")
-    p.add_argument("--float-dtype", choices=["bf16", "fp32"], default="bf16",
-                   help="dtype of embedding and head (fp32 keeps the logits of the checkpoint exactly)")
-    p.add_argument("--out", type=Path, help="output file (default: RUN/model_packed.safetensors)")
+    p.add_argument("--format", choices=["packed", "hf", "gguf"], default="packed")
+    p.add_argument("--quant", choices=["tq2_0", "tq1_0"], default="tq2_0",
+                   help="gguf: llama.cpp's ternary type (TQ2_0: 2 bits per weight, TQ1_0: 1.69)")
+    p.add_argument("--float-dtype", choices=["bf16", "fp32"], default=None,
+                   help="dtype of embedding and head (default: bf16 for packed, fp32 for hf and gguf, where "
+                        "bf16 writes F16; fp32 keeps the checkpoint's logits)")
+    p.add_argument("--layout", choices=["auto", "native", "remote"], default="auto",
+                   help="hf: native BitNetForCausalLM, ternchat's remote code, or native when the knobs allow")
+    p.add_argument("--check", action="store_true",
+                   help="hf: load the export with transformers and compare its logits with ternchat's")
+    p.add_argument("--out", type=Path, help="output path (default: RUN/model_packed.safetensors, RUN/hf, RUN/model_<quant>.gguf)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="benchmarks against baselines measured in the same run",
@@ -640,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "MinatoLoader. bench fire: a trained run's val bpb and ternary codes before and "
                                    "after FIRE (exact and the official 5 Newton-Schulz steps).")
     p.add_argument("what", choices=["train", "eval", "optim", "sweep", "dedup", "dist", "scale", "mtp", "arch",
-                                    "precision", "gemm", "collider", "loader", "fire"],
+                                    "precision", "gemm", "collider", "loader", "fire", "decode"],
                    help="train: training throughput and memory; eval: sandboxed compile+run evaluations per second; "
                         "optim: the memory-efficient optimizers against Muon and AdamW; sweep: validation loss "
                         "over a grid of config values; dedup: rensa's MinHash against datasketch's on the corpus; "
@@ -650,10 +731,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "recipes (val bpb, loss curve, quantization error, GPU GEMM throughput); gemm: the GPU GEMM rows alone; collider: backward "
                         "and step time and val bpb per filtered fraction; loader: the share of step time spent "
                         "waiting for data with slow samples, per loader; fire: FIRE's effect on a trained run's "
-                        "val bpb and ternary codes")
+                        "val bpb and ternary codes; decode: batch-1 decoding tok/s and peak memory, dense bf16, "
+                        "ternary float and int8 kernels, llama.cpp TQ2_0/TQ1_0")
     p.add_argument("--optim-steps", type=int, default=100,
                    help="optim, sweep, dist, mtp, arch, precision, collider, loader: training steps per run")
-    p.add_argument("--decode-tokens", type=int, default=128, help="mtp: tokens decoded per sample prompt")
+    p.add_argument("--decode-tokens", type=int, default=128,
+                   help="mtp: tokens decoded per sample prompt; decode: tokens decoded per variant")
     p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
                    help="sweep: values to try for one key (repeatable; the runs cover every combination)")
     p.add_argument("--out-dir", type=Path, default=Path("bench_optim"), help="optim: folder for JSON and PNG")

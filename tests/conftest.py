@@ -154,3 +154,28 @@ def pretrained_run(task_tokenizer):
         return run
 
     return make
+
+
+@pytest.fixture
+def random_model():
+    """A factory of small inference models (2 x 64 unless the knobs say otherwise) whose every weight matters:
+    the output projections, which training starts at zero, are random too."""
+    import torch
+
+    from ternchat.model.bitlinear import to_inference
+    from ternchat.model.gpt import GPT, GPTShape
+
+    def make(vocab_size: int, knobs: list[str], quant: str = "ternary") -> GPT:
+        cfg = load_config(overrides=["model.depth=2", "model.d_model=64", "model.n_heads=2", "model.seq_len=128",
+                                     f"tokenizer.vocab_size={vocab_size}", f"model.quant={quant}", *knobs])
+        torch.manual_seed(0)
+        model = GPT(GPTShape.from_config(cfg, vocab_size))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 2 and name != "embed.weight":
+                    p.normal_(0, p.shape[1] ** -0.5)
+                elif "norm" in name:
+                    p.uniform_(0.5, 1.5)
+        return to_inference(model).eval()
+
+    return make

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from ternchat.data.chat import completion_prompt
 from ternchat.data.tokenizer import Tokenizer
+from ternchat.eval.decode_step import CompiledStep
 from ternchat.eval.engine import generate
 from ternchat.model.gpt import GPT
 
@@ -42,11 +43,40 @@ def stream_text(tokens: Iterator[int], tok: Tokenizer) -> Iterator[str]:
         yield tail
 
 
+class StopText:
+    """Cut streamed text before the first of `stops`: pieces pass through `cut`, except a tail that may be the
+    start of a stop string, held back until the next piece tells; `hit` says whether a stop string ended it."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.hit = False
+
+    def cut(self, pieces: Iterator[str]) -> Iterator[str]:
+        for piece in pieces:
+            self.pending += piece
+            found = [self.pending.index(s) for s in self.stops if s in self.pending]
+            if found:
+                self.hit = True
+                if min(found):
+                    yield self.pending[:min(found)]
+                return
+            keep = max((n for s in self.stops for n in range(len(s) - 1, 0, -1)
+                        if self.pending.endswith(s[:n])), default=0)
+            if len(self.pending) > keep:
+                yield self.pending[:len(self.pending) - keep]
+                self.pending = self.pending[len(self.pending) - keep:]
+        if self.pending:
+            yield self.pending
+
+
 class ChatSession:
     """One conversation with a model: `reply(text)` streams the answer to a user turn."""
 
-    def __init__(self, model: GPT, tok: Tokenizer, chat_format: bool, sampling: Sampling, system: str | None = None):
+    def __init__(self, model: GPT, tok: Tokenizer, chat_format: bool, sampling: Sampling, system: str | None = None,
+                 compiled_step: CompiledStep | None = None):
         self.model, self.tok, self.chat_format, self.sampling = model, tok, chat_format, sampling
+        self.compiled_step = compiled_step
         self.system = system
         self.speculative = getattr(model, "mtp", None) is not None
         self.turn = 0
@@ -66,7 +96,7 @@ class ChatSession:
         seed = None if s.seed is None else s.seed + self.turn
         self.turn += 1
         tokens = generate(self.model, prompt, s.max_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                          seed=seed, stop_ids=stop, speculative=self.speculative)
+                          seed=seed, stop_ids=stop, speculative=self.speculative, compiled_step=self.compiled_step)
         answer = ""
         for piece in stream_text(tokens, self.tok):
             answer += piece

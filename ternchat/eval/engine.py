@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ternchat.eval.decode_step import CompiledStep
 from ternchat.model.gpt import GPT, KVCache
 
 
@@ -71,6 +72,11 @@ class SpeculationStats:
         return [a / o if o else 0.0 for a, o in zip(self.accepted, self.offered)]
 
 
+def _cache_dtype(model: GPT) -> torch.dtype:
+    """The KV cache holds keys and values in the model's float dtype (a model cast to bf16 decodes in bf16)."""
+    return model.embed.weight.dtype
+
+
 def _device(model: GPT) -> torch.device:
     return next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
 
@@ -79,10 +85,12 @@ def _device(model: GPT) -> torch.device:
 def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 0.8, top_k: int = 50,
              top_p: float = 0.95, seed: int | None = None, stop_ids: Sequence[int] = (), speculative: bool = False,
              stats: SpeculationStats | None = None, exit_threshold: float | None = None,
-             passes_run: list[int] | None = None) -> Iterator[int]:
+             passes_run: list[int] | None = None, compiled_step: CompiledStep | None = None) -> Iterator[int]:
     """Yield new token ids one at a time until `max_new_tokens`, a stop id or the context end; with
     `speculative`, drafted by the model's MTP heads or modules and verified (module docstring). A looped
-    model exits at `exit_threshold` (default: the model's); `passes_run` collects the passes of each step."""
+    model exits at `exit_threshold` (default: the model's); `passes_run` collects the passes of each step.
+    With `compiled_step` (eval/decode_step.py, made once per model) each token after the prompt runs as one
+    compiled static-shape graph."""
     if not prompt:
         raise ValueError("the prompt must have at least one token")
     if speculative:
@@ -96,10 +104,13 @@ def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temperat
     seq_len = model.shape.seq_len
     prompt = list(prompt)[-(seq_len - 1):]
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    cache = KVCache(model.shape, 1, min(seq_len, len(prompt) + max_new_tokens), device, torch.float32)
+    cache_len = seq_len if compiled_step is not None else min(seq_len, len(prompt) + max_new_tokens)
+    cache = KVCache(model.shape, 1, cache_len, device, _cache_dtype(model))
     q = model.shape.loop_exit_threshold if exit_threshold is None else exit_threshold
 
     def step(ids: list[int]) -> torch.Tensor:
+        if compiled_step is not None and cache.pos > 0:
+            return compiled_step(ids[0], cache)
         states, ran = model.passes(torch.tensor([ids], device=device), cache, q)
         if passes_run is not None:
             passes_run.append(ran)
@@ -126,7 +137,7 @@ class _Drafter:
         self.model, self.mtp, self.kind = model, model.mtp, model.shape.mtp_kind
         depth = self.mtp.n_future
         one = replace(model.shape, depth=1, loop_steps=1)
-        self.caches = [KVCache(one, 1, max_len, device, torch.float32) for _ in range(depth)]
+        self.caches = [KVCache(one, 1, max_len, device, _cache_dtype(model)) for _ in range(depth)]
         # states[0]: the trunk's; states[k]: head k's or module k's output, by position
         self.states = torch.zeros(depth + 1, max_len, model.shape.d_model, device=device)
 
@@ -173,7 +184,7 @@ def _speculative(model: GPT, prompt: Sequence[int], max_new_tokens: int, tempera
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     greedy = temperature <= 0
     max_len = min(seq_len, len(tokens) + max_new_tokens)
-    cache = KVCache(model.shape, 1, max_len, device, torch.float32)
+    cache = KVCache(model.shape, 1, max_len, device, _cache_dtype(model))
     drafter = _Drafter(model, max_len, device)
     depth = model.mtp.n_future
     stats.offered, stats.accepted = stats.offered or [0] * depth, stats.accepted or [0] * depth

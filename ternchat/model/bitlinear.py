@@ -69,15 +69,22 @@ class BitLinear(nn.Linear):
 class TernaryLinear(nn.Module):
     """Inference form of BitLinear: fixed int8 codes in {-1, 0, +1} and the scale beta.
 
-    Its output equals BitLinear's for the weight it was made from, bit for bit, without
-    re-quantizing the weight at every call.
+    Two kernels compute it. `float` (the default) multiplies the dequantized activations by the dequantized
+    weight, exactly as BitLinear's forward does, so its output equals BitLinear's bit for bit. `int8` is the
+    decoding kernel: the activations' int8 values times the codes in an int8 GEMM with int32 accumulation
+    (exact), then one float scale per token, beta / activation scale; it never materializes a float weight.
+    The two differ by float rounding only.
     """
+
+    KERNELS = ("float", "int8")
 
     def __init__(self, codes: torch.Tensor, beta: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = codes.shape
         self.register_buffer("codes", codes.to(torch.int8))
         self.register_buffer("beta", beta.detach().float().reshape(()))
+        self.kernel = "float"
+        self._codes_by_column: torch.Tensor | None = None  # (in, out) for the int8 GEMM, made on first use
 
     @classmethod
     def from_bitlinear(cls, layer: BitLinear) -> "TernaryLinear":
@@ -89,8 +96,31 @@ class TernaryLinear(nn.Module):
         return self.codes.float() * self.beta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "int8":
+            return self._int8_forward(x)
         x_q = quantize_activation(x.float()).to(x.dtype)
         return F.linear(x_q, self.weight_values().to(x.dtype))
+
+    def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._codes_by_column is None or self._codes_by_column.device != self.codes.device:
+            self._codes_by_column = self.codes.t().contiguous()
+        rows = x.reshape(-1, self.in_features).float()
+        scale = 127.0 / rows.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+        x_int = (rows * scale).round().clamp(-128, 127).to(torch.int8)
+        y = torch._int_mm(x_int, self._codes_by_column).float() * (self.beta / scale)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
+    """Choose the kernel of every TernaryLinear in `model` ("float" or "int8"); returns the model."""
+    if kernel not in TernaryLinear.KERNELS:
+        raise ValueError(f"unknown ternary kernel {kernel!r}; choose one of {', '.join(TernaryLinear.KERNELS)}")
+    for module in model.modules():
+        if isinstance(module, TernaryLinear):
+            module.kernel = kernel
+            if kernel == "int8":
+                module._codes_by_column = module.codes.t().contiguous()
+    return model
 
 
 def to_inference(model: nn.Module) -> nn.Module:

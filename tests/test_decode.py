@@ -1,0 +1,58 @@
+"""Fast decoding: the int8 ternary kernel and the compiled one-token step compute what the exact path computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ternchat.eval.decode_step import CompiledStep, prepare_decoding
+from ternchat.eval.engine import generate
+from ternchat.model.bitlinear import set_kernel
+from ternchat.model.gpt import KVCache
+
+KNOBS = [[], ["model.mlp=swiglu", "model.qk_norm=false", "model.tie_embeddings=true"]]
+
+
+@pytest.mark.parametrize("knobs", KNOBS)
+def test_int8_kernel_matches_the_float_kernel(random_model, knobs):
+    model = random_model(512, knobs)
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = model(ids)
+        set_kernel(model, "int8")
+        fast = model(ids)
+    assert (exact - fast).abs().max() < 1e-4 * exact.abs().max()
+    assert torch.equal(exact.argmax(-1), fast.argmax(-1))
+
+
+@pytest.mark.parametrize("knobs", KNOBS)
+def test_static_step_matches_the_cached_forward(random_model, knobs):
+    model = set_kernel(random_model(512, knobs), "int8")
+    tokens = [5, 17, 99, 3, 250, 7, 1, 42, 8, 300]
+    step = CompiledStep(model, compile=False)  # the same static-shape graph, run eagerly
+    cache = KVCache(model.shape, 1, model.shape.seq_len, torch.device("cpu"), torch.float32)
+    reference = model(torch.tensor([tokens]))[0]
+    with torch.no_grad():
+        model.passes(torch.tensor([tokens[:3]]), cache)
+        for i, token in enumerate(tokens[3:], start=3):
+            assert torch.allclose(step(token, cache), reference[i], atol=1e-4, rtol=1e-4)
+    prompt = tokens[:4]
+    assert list(generate(model, prompt, 30, temperature=0, compiled_step=step)) == \
+        list(generate(model, prompt, 30, temperature=0))
+
+
+def test_compiled_step_decodes_like_eager(random_model):
+    model = random_model(512, KNOBS[1])
+    compiled = prepare_decoding(model, "int8", compile=True)
+    assert isinstance(compiled, CompiledStep)
+    prompt = [3, 14, 15, 92, 65]
+    assert list(generate(model, prompt, 24, temperature=0, compiled_step=compiled)) == \
+        list(generate(model, prompt, 24, temperature=0))
+    sampled = [list(generate(model, prompt, 16, temperature=0.8, seed=s, compiled_step=compiled)) for s in (1, 2)]
+    assert sampled == [list(generate(model, prompt, 16, temperature=0.8, seed=s)) for s in (1, 2)]
+
+
+def test_bf16_model_decodes_with_a_bf16_cache(random_model):
+    model = random_model(512, [], quant="none").to(torch.bfloat16)
+    out = list(generate(model, [1, 2, 3], 8, temperature=0))
+    assert len(out) == 8
