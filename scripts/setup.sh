@@ -6,9 +6,9 @@
 #
 # System packages: rustc (the compiler-verified evaluation), bubblewrap (the sandbox's namespaces:
 # without it ternchat refuses to run model-written programs), a C toolchain (rustc's linker and
-# torch.compile on CPU), python3-venv, and with --test chromium (the chat page's browser test). They
-# are installed with apt-get as root, or through sudo when it needs no password; otherwise the script
-# prints what to install by hand and goes on.
+# torch.compile on CPU, the 2-bit decoding kernel), python3-venv and python3-dev, and with --test
+# chromium (the chat page's browser test). They are installed with apt-get as root, or through sudo
+# when it needs no password; otherwise the script prints what to install by hand and goes on.
 # PyTorch: TERNCHAT_TORCH picks the requirement (default torch==2.13.0); a PyTorch already in
 # .venv is kept, so a CUDA build installed there by hand stays.
 set -euo pipefail
@@ -32,6 +32,9 @@ command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 command -v prlimit >/dev/null 2>&1 && command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 python3 -c "import ensurepip, venv" >/dev/null 2>&1 || missing+=(python3-venv)
+# Python's headers: PyTorch's cpp_extension builds the 2-bit ternary decoding kernel with them
+python3 -c "import os, sysconfig; assert os.path.exists(sysconfig.get_paths()['include'] + '/Python.h')" \
+  >/dev/null 2>&1 || missing+=(python3-dev)
 # the tests drive the chat page of `ternchat serve` in a real headless browser (Playwright on Debian's chromium)
 if [ -n "$extras" ] && ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
   missing+=(chromium)

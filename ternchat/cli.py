@@ -568,8 +568,9 @@ def _add_stage_args(p: argparse.ArgumentParser, run_help: str, out_help: str, ex
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kernel", choices=["int8", "float"], default="int8",
-                   help="ternary linears: int8 GEMM on the codes (default) or the exact float kernel of training")
+    p.add_argument("--kernel", choices=["int8", "int2", "float"], default="int8",
+                   help="ternary linears: int8 GEMM on the codes (default), the 2-bit C++ kernel (fastest on a CPU; "
+                        "built on first use), or the exact float kernel of training")
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decoding step (a one-time cost of tens of seconds, then faster tokens)")
 

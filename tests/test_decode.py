@@ -13,13 +13,14 @@ from ternchat.model.gpt import KVCache
 KNOBS = [[], ["model.mlp=swiglu", "model.qk_norm=false", "model.tie_embeddings=true"]]
 
 
+@pytest.mark.parametrize("kernel", ["int8", "int2"])
 @pytest.mark.parametrize("knobs", KNOBS)
-def test_int8_kernel_matches_the_float_kernel(random_model, knobs):
+def test_decoding_kernels_match_the_float_kernel(random_model, knobs, kernel):
     model = random_model(512, knobs)
     ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         exact = model(ids)
-        set_kernel(model, "int8")
+        set_kernel(model, kernel)
         fast = model(ids)
     assert (exact - fast).abs().max() < 1e-4 * exact.abs().max()
     assert torch.equal(exact.argmax(-1), fast.argmax(-1))
@@ -27,7 +28,7 @@ def test_int8_kernel_matches_the_float_kernel(random_model, knobs):
 
 @pytest.mark.parametrize("knobs", KNOBS)
 def test_static_step_matches_the_cached_forward(random_model, knobs):
-    model = set_kernel(random_model(512, knobs), "int8")
+    model = set_kernel(random_model(512, knobs), "int2")
     tokens = [5, 17, 99, 3, 250, 7, 1, 42, 8, 300]
     step = CompiledStep(model, compile=False)  # the same static-shape graph, run eagerly
     cache = KVCache(model.shape, 1, model.shape.seq_len, torch.device("cpu"), torch.float32)
@@ -43,7 +44,7 @@ def test_static_step_matches_the_cached_forward(random_model, knobs):
 
 def test_compiled_step_decodes_like_eager(random_model):
     model = random_model(512, KNOBS[1])
-    compiled = prepare_decoding(model, "int8", compile=True)
+    compiled = prepare_decoding(model, "int2", compile=True)
     assert isinstance(compiled, CompiledStep)
     prompt = [3, 14, 15, 92, 65]
     assert list(generate(model, prompt, 24, temperature=0, compiled_step=compiled)) == \
@@ -56,3 +57,17 @@ def test_bf16_model_decodes_with_a_bf16_cache(random_model):
     model = random_model(512, [], quant="none").to(torch.bfloat16)
     out = list(generate(model, [1, 2, 3], 8, temperature=0))
     assert len(out) == 8
+
+
+def test_packed_kernel_computes_exact_integer_products():
+    from ternchat.model import ternary_kernel
+
+    ternary_kernel.load()
+    generator = torch.Generator().manual_seed(0)
+    for rows, inputs, outputs in [(1, 64, 130), (1, 768, 2050), (3, 256, 96), (17, 2048, 40)]:
+        codes = torch.randint(-1, 2, (outputs, inputs), dtype=torch.int8, generator=generator)
+        x = torch.randint(-128, 128, (rows, inputs), dtype=torch.int8, generator=generator)
+        products = torch.ops.ternchat.ternary_mm(x, ternary_kernel.pack(codes), outputs)
+        assert torch.equal(products, x.int() @ codes.int().t())
+    with pytest.raises(ValueError, match="multiples of 64"):
+        ternary_kernel.pack(torch.zeros(4, 100, dtype=torch.int8))

@@ -4,15 +4,21 @@ For each model shape: the tiny_cpu preset's (6 x 384; llama.cpp's bitnet graph d
 tiny llama.cpp-compatible one (6 x 256, d_ff 768, swiglu, no QK-norm, tied head) and a ~125M
 llama.cpp-compatible one (12 x 768, d_ff 2048, vocabulary 32768). One randomly initialized model per shape
 (decoding speed does not depend on the weights' values), decoded greedily from the same 16-token prompt:
-- **dense bf16**: the same shape with dense linears, cast to bf16 (ternchat's dense baseline);
+- **dense bf16**: the same shape with dense linears, cast to bf16 (ternchat's dense baseline), eager and
+  with the compiled one-token step (eval/decode_step.py);
 - **ternary, float kernel (before)**: each linear dequantizes its int8 codes to floats at every call;
-- **ternary, int8 kernel (after)**: the activations' int8 values times the codes in an int8 GEMM with int32
-  accumulation, scaled once (model/bitlinear.py, `TernaryLinear.kernel`);
+- **ternary, int8 kernel**: the activations' int8 values times the codes in torch._int_mm's int8 GEMM with
+  int32 accumulation, scaled once (model/bitlinear.py, `TernaryLinear.kernel`);
+- **ternary, int2 kernel**: the same product from codes packed 2 bits each, by ternchat's C++ kernel
+  (model/csrc/ternary_mm.cpp, AVX512-VNNI where the CPU has it), eager and with the compiled step (after);
 - **llama.cpp TQ2_0 and TQ1_0** (llama-cpp-python, when installed): the model's `ternchat export --format
   gguf` file.
-Every variant runs in its own process, so its peak resident memory (which includes the Python and PyTorch
-or llama.cpp runtime) is its own; tokens/s counts the decoded tokens after the first, whose time includes
-the prompt. Both engines use every core.
+Every variant runs in its own process. Memory: the bytes of the weights as the variant holds them (the
+ternary variants keep the int8 codes beside a kernel's own layout), and the process's resident memory
+while decoding, which includes the Python and PyTorch or llama.cpp runtime (the process's peak also
+counts building the random model, so it is not reported). Tokens/s counts the decoded tokens after the
+first, whose time includes the prompt; a compiled step is compiled during a warm-up generation first, and
+that time is reported. Both engines use every core.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -38,8 +43,8 @@ SHAPES: dict[str, dict] = {
     "~125M, llama.cpp knobs (12 x 768)": dict(vocab_size=32768, depth=12, d_model=768, n_heads=12, d_ff=2048,
                                               seq_len=1024, mlp="swiglu", qk_norm=False, tie_embeddings=True),
 }
-VARIANTS = ["dense bf16", "ternary, float kernel (before)", "ternary, int8 kernel (after)", "llama.cpp TQ2_0",
-            "llama.cpp TQ1_0"]
+VARIANTS = ["dense bf16", "dense bf16, compiled step", "ternary, float kernel (before)", "ternary, int8 kernel",
+            "ternary, int2 kernel", "ternary, int2 kernel, compiled step (after)", "llama.cpp TQ2_0", "llama.cpp TQ1_0"]
 PROMPT_TOKENS = 16
 
 
@@ -61,23 +66,40 @@ def _decode_ternchat(shape: dict, variant: str, tokens: int) -> dict:
     from ternchat.eval.engine import generate
     from ternchat.model.bitlinear import set_kernel
 
-    model = random_model(shape, "none" if variant == "dense bf16" else "ternary")
-    if variant == "dense bf16":
+    from ternchat.eval.decode_step import CompiledStep
+
+    dense = variant.startswith("dense")
+    model = random_model(shape, "none" if dense else "ternary")
+    if dense:
         model = model.to(torch.bfloat16)
     else:
-        set_kernel(model, "int8" if "int8" in variant else "float")
-    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        set_kernel(model, next(k for k in ("int8", "int2", "float") if k in variant))
+    weights = [*model.parameters(), *model.buffers()]
+    weights += [t for m in model.modules() for t in (getattr(m, "_packed", None), getattr(m, "_codes_by_column", None))
+                if t is not None]
+    weight_bytes = sum(t.numel() * t.element_size() for t in weights)
+    step = CompiledStep(model) if "compiled" in variant else None
     prompt = list(range(10, 10 + PROMPT_TOKENS))
+    rss = []
 
     def timed() -> tuple[float, int]:
         stamps = []
-        for _ in generate(model, prompt, tokens, temperature=0):
+        for _ in generate(model, prompt, tokens, temperature=0, compiled_step=step):
             stamps.append(time.perf_counter())
+        rss.append(_resident_bytes())
         return (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps)
 
-    timed()  # warm-up
+    start = time.perf_counter()
+    timed()  # warm-up (and compilation)
+    warmup_s = time.perf_counter() - start
     tok_s, count = timed()
-    return {"tok_s": tok_s, "tokens": count, "weight_bytes": weight_bytes}
+    return {"tok_s": tok_s, "tokens": count, "weight_bytes": weight_bytes, "rss_bytes": rss[-1],
+            "warmup_s": warmup_s}
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _decode_llama_cpp(shape: dict, variant: str, tokens: int) -> dict:
@@ -100,6 +122,8 @@ def _decode_llama_cpp(shape: dict, variant: str, tokens: int) -> dict:
         llm = Llama(model_path=str(path), n_ctx=shape["seq_len"], n_threads=os.cpu_count(), verbose=False)
         size = path.stat().st_size
 
+        rss = []
+
         def timed() -> tuple[float, int]:
             llm.reset()
             llm.eval(list(range(10, 10 + PROMPT_TOKENS)))
@@ -108,19 +132,20 @@ def _decode_llama_cpp(shape: dict, variant: str, tokens: int) -> dict:
                 token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
                 stamps.append(time.perf_counter())
                 llm.eval([token])
+            rss.append(_resident_bytes())
             return (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps)
 
+        start = time.perf_counter()
         timed()
+        warmup_s = time.perf_counter() - start
         tok_s, count = timed()
-    return {"tok_s": tok_s, "tokens": count, "weight_bytes": size}
+    return {"tok_s": tok_s, "tokens": count, "weight_bytes": size, "rss_bytes": rss[-1], "warmup_s": warmup_s}
 
 
 def _child(shape: dict, variant: str, tokens: int) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     run = _decode_llama_cpp if variant.startswith("llama.cpp") else _decode_ternchat
-    result = run(shape, variant, tokens)
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return result
+    return run(shape, variant, tokens)
 
 
 def llama_cpp_available() -> bool:
@@ -151,7 +176,7 @@ def bench_decode(tokens: int, shapes: list[str] | None = None, log=print) -> dic
             if done.returncode != 0:
                 raise RuntimeError(f"decode bench {name} / {variant} failed:\n{done.stderr[-3000:]}")
             row.update(json.loads(done.stdout.strip().splitlines()[-1]))
-            log(f"  {row['tok_s']:,.1f} tok/s, peak RSS {row['peak_rss_bytes'] / 2 ** 20:,.0f} MiB")
+            log(f"  {row['tok_s']:,.1f} tok/s, resident {row['rss_bytes'] / 2 ** 20:,.0f} MiB")
             rows.append(row)
     return {"machine": machine(), "tokens": tokens, "prompt_tokens": PROMPT_TOKENS, "threads": os.cpu_count(),
             "rows": rows}
@@ -169,16 +194,17 @@ def _shape_only(shape: dict):
 def format_decode(report: dict) -> str:
     lines = [f"Machine: {report['machine']}; batch 1, greedy, {report['tokens']} tokens after a "
              f"{report['prompt_tokens']}-token prompt, {report['threads']} threads; each variant in its own process.",
-             "", "| model | variant | tok/s | vs dense bf16 | weights in memory / file | peak RSS |",
-             "|---|---|---|---|---|---|"]
+             "", "| model | variant | tok/s | vs dense bf16 (eager) | weights (ternchat: in memory; llama.cpp: file) | "
+             "resident while decoding | warm-up |", "|---|---|---|---|---|---|---|"]
     dense = {r["model"]: r["tok_s"] for r in report["rows"] if r["variant"] == "dense bf16" and "tok_s" in r}
     for r in report["rows"]:
         if "skipped" in r:
-            lines.append(f"| {r['model']} | {r['variant']} | - | - | - | {r['skipped']} |")
+            lines.append(f"| {r['model']} | {r['variant']} | - | - | - | - | {r['skipped']} |")
             continue
         ratio = r["tok_s"] / dense[r["model"]] if r["model"] in dense else float("nan")
         lines.append(f"| {r['model']} | {r['variant']} | {r['tok_s']:,.1f} | {ratio:.2f}x | "
-                     f"{r['weight_bytes'] / 2 ** 20:,.1f} MiB | {r['peak_rss_bytes'] / 2 ** 20:,.0f} MiB |")
+                     f"{r['weight_bytes'] / 2 ** 20:,.1f} MiB | {r['rss_bytes'] / 2 ** 20:,.0f} MiB | "
+                     f"{r['warmup_s']:.1f} s |")
     return "\n".join(lines)
 
 

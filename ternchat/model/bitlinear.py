@@ -69,14 +69,15 @@ class BitLinear(nn.Linear):
 class TernaryLinear(nn.Module):
     """Inference form of BitLinear: fixed int8 codes in {-1, 0, +1} and the scale beta.
 
-    Two kernels compute it. `float` (the default) multiplies the dequantized activations by the dequantized
-    weight, exactly as BitLinear's forward does, so its output equals BitLinear's bit for bit. `int8` is the
-    decoding kernel: the activations' int8 values times the codes in an int8 GEMM with int32 accumulation
-    (exact), then one float scale per token, beta / activation scale; it never materializes a float weight.
-    The two differ by float rounding only.
+    Three kernels compute it. `float` (the default) multiplies the dequantized activations by the dequantized
+    weight, exactly as BitLinear's forward does, so its output equals BitLinear's bit for bit. The decoding
+    kernels multiply the activations' int8 values by the codes with exact int32 accumulation, then apply one
+    float scale per token, beta / activation scale, and never materialize a float weight: `int8` with the
+    codes as an int8 matrix (torch._int_mm), `int2` with the codes packed 2 bits each and read by the C++
+    kernel of model/ternary_kernel.py (built on first use). They differ from `float` by float rounding only.
     """
 
-    KERNELS = ("float", "int8")
+    KERNELS = ("float", "int8", "int2")
 
     def __init__(self, codes: torch.Tensor, beta: torch.Tensor):
         super().__init__()
@@ -84,7 +85,8 @@ class TernaryLinear(nn.Module):
         self.register_buffer("codes", codes.to(torch.int8))
         self.register_buffer("beta", beta.detach().float().reshape(()))
         self.kernel = "float"
-        self._codes_by_column: torch.Tensor | None = None  # (in, out) for the int8 GEMM, made on first use
+        self._codes_by_column: torch.Tensor | None = None  # (in, out) for the int8 GEMM, made by set_kernel
+        self._packed: torch.Tensor | None = None  # 2-bit codes for the int2 kernel, made by set_kernel
 
     @classmethod
     def from_bitlinear(cls, layer: BitLinear) -> "TernaryLinear":
@@ -95,31 +97,41 @@ class TernaryLinear(nn.Module):
     def weight_values(self) -> torch.Tensor:
         return self.codes.float() * self.beta
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "int8":
-            return self._int8_forward(x)
-        x_q = quantize_activation(x.float()).to(x.dtype)
-        return F.linear(x_q, self.weight_values().to(x.dtype))
-
-    def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._codes_by_column is None or self._codes_by_column.device != self.codes.device:
+    def prepare(self, kernel: str) -> None:
+        """Switch to `kernel`, making the weight layout it reads."""
+        if kernel == "int8":
             self._codes_by_column = self.codes.t().contiguous()
+        elif kernel == "int2":
+            from ternchat.model import ternary_kernel
+
+            if self.codes.device.type != "cpu":
+                raise ValueError("the int2 kernel runs on the CPU; use int8 or float on a GPU")
+            ternary_kernel.load()
+            self._packed = ternary_kernel.pack(self.codes.cpu()).to(self.codes.device)
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "float":
+            x_q = quantize_activation(x.float()).to(x.dtype)
+            return F.linear(x_q, self.weight_values().to(x.dtype))
         rows = x.reshape(-1, self.in_features).float()
         scale = 127.0 / rows.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
         x_int = (rows * scale).round().clamp(-128, 127).to(torch.int8)
-        y = torch._int_mm(x_int, self._codes_by_column).float() * (self.beta / scale)
+        if self.kernel == "int8":
+            products = torch._int_mm(x_int, self._codes_by_column)
+        else:
+            products = torch.ops.ternchat.ternary_mm(x_int, self._packed, self.out_features)
+        y = products.float() * (self.beta / scale)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
-    """Choose the kernel of every TernaryLinear in `model` ("float" or "int8"); returns the model."""
+    """Choose the kernel of every TernaryLinear in `model` ("float", "int8" or "int2"); returns the model."""
     if kernel not in TernaryLinear.KERNELS:
         raise ValueError(f"unknown ternary kernel {kernel!r}; choose one of {', '.join(TernaryLinear.KERNELS)}")
     for module in model.modules():
         if isinstance(module, TernaryLinear):
-            module.kernel = kernel
-            if kernel == "int8":
-                module._codes_by_column = module.codes.t().contiguous()
+            module.prepare(kernel)
     return model
 
 
