@@ -7,6 +7,7 @@ failure of the work itself (missing tools, corrupt data), each with one clear me
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -213,6 +214,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if not args.run.is_dir():
         raise DataError(f"--run {args.run}: export takes a run folder")
+    needs = {"hf": ("transformers", "accelerate"), "gguf": ("gguf",)}.get(args.format, ())
+    missing = [name for name in needs if importlib.util.find_spec(name) is None]
+    if missing:
+        raise DataError(f"--format {args.format} needs {', '.join(missing)}: .venv/bin/pip install -e '.[export]'")
     model, tok = load_model_and_tokenizer(args.run)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.float_dtype or ("bf16" if args.format == "packed"
                                                                                   else "fp32")]
@@ -236,7 +241,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         written = export_gguf(model, tok, out, args.quant, dtype, args.run.name)
         print(f"wrote {out}: llama.cpp bitnet, {args.quant.upper()} block matrices, {written['bytes'] / 2 ** 20:.2f} MiB"
               + ("; the MTP heads are not exported" if written["mtp_dropped"] else "")
-              + ". Check it against ternchat: python scripts/check_gguf.py --run RUN --gguf FILE")
+              + f". Check it in llama.cpp: python scripts/check_gguf.py --run {args.run} --gguf {out}")
         return 0
     from ternchat.export.packed import export_packed
 
@@ -568,9 +573,9 @@ def _add_stage_args(p: argparse.ArgumentParser, run_help: str, out_help: str, ex
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kernel", choices=["int8", "int2", "float"], default="int8",
-                   help="ternary linears: int8 GEMM on the codes (default), the 2-bit C++ kernel (fastest on a CPU; "
-                        "built on first use), or the exact float kernel of training")
+    p.add_argument("--kernel", choices=["auto", "int8", "int2", "float"], default="auto",
+                   help="ternary linears: int8 GEMM on the codes, the 2-bit C++ kernel (fastest on a CPU; built on "
+                        "first use), or the exact float kernel of training; auto: int8 on a CPU, float on a GPU")
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decoding step (a one-time cost of tens of seconds, then faster tokens)")
 

@@ -129,7 +129,7 @@ def test_completions_and_stop_strings(chat_server):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ("/v1/completions", {"prompt": "fn f() {}\n" * 200}, 400, "messages"),
+    ("/v1/completions", {"prompt": "fn f() {}\n" * 200}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x" * 30_000}, 413, None),
     ("/v1/embeddings", {"input": "x"}, 404, None),
 ])

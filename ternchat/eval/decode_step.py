@@ -19,9 +19,12 @@ from ternchat.model.bitlinear import set_kernel
 from ternchat.model.gpt import GPT, KVCache, apply_rotary
 
 
-def prepare_decoding(model: GPT, kernel: str = "int8", compile: bool = False) -> "CompiledStep | None":
-    """Set the ternary kernel of `model` and, with `compile`, make its compiled step (None when not asked for
-    or when the model is not plain)."""
+def prepare_decoding(model: GPT, kernel: str = "auto", compile: bool = False) -> "CompiledStep | None":
+    """Set the ternary kernel of `model` ("auto": int8 on a CPU, where it beats the float kernel, and float on a
+    GPU, where torch._int_mm needs more than 16 rows) and, with `compile`, make its compiled step (None when not
+    asked for or when the model is not plain)."""
+    if kernel == "auto":
+        kernel = "int8" if model.embed.weight.device.type == "cpu" else "float"
     set_kernel(model, kernel)
     return CompiledStep(model) if compile and supports(model) else None
 

@@ -57,7 +57,7 @@ class Outcome:
 
 
 class Generator:
-    """The served model: prompts in, text pieces out, one request at a time."""
+    """The served model: prompts in, text pieces out; requests take turns token by token."""
 
     def __init__(self, model: GPT, tok: Tokenizer, chat_format: bool, name: str, limits: Limits,
                  compiled_step: CompiledStep | None = None):
@@ -72,11 +72,11 @@ class Generator:
         except DataError as e:
             raise RequestError(400, str(e), "messages") from None
 
-    def check(self, prompt: list[int], max_tokens: int) -> None:
+    def check(self, prompt: list[int], max_tokens: int, prompt_field: str) -> None:
         context = self.model.shape.seq_len
         if len(prompt) >= context:
             raise RequestError(400, f"the prompt is {len(prompt)} tokens; this model's context is {context} tokens, "
-                                    f"so at most {context - 1} can be prompt", "messages", "context_length_exceeded")
+                                    f"so at most {context - 1} can be prompt", prompt_field, "context_length_exceeded")
         if max_tokens > self.limits.max_tokens:
             raise RequestError(400, f"max_tokens is {max_tokens}; this server allows at most {self.limits.max_tokens}",
                                "max_tokens")
@@ -197,7 +197,7 @@ def create_app(engine: Generator) -> Any:
         return asked if asked is not None else min(limits.max_tokens, engine.model.shape.seq_len)
 
     def respond(request: SamplingFields, prompt: list[int], max_tokens: int, stop_ids: list[int], chat: bool):
-        engine.check(prompt, max_tokens)
+        engine.check(prompt, max_tokens, "messages" if chat else "prompt")
         stops = request.stops()
         created, ident = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         kind = "chat.completion" if chat else "text_completion"
@@ -291,7 +291,7 @@ async def _closing(events: Iterator[str], pieces: Iterator[str]):
         pieces.close()
 
 
-def serve(run: Path, host: str, port: int, chat_format: bool | None, limits: Limits, kernel: str = "int8",
+def serve(run: Path, host: str, port: int, chat_format: bool | None, limits: Limits, kernel: str = "auto",
           compile: bool = False) -> None:
     """Load the run and serve it until interrupted."""
     import uvicorn
