@@ -42,6 +42,16 @@ def test_static_step_matches_the_cached_forward(random_model, knobs):
         list(generate(model, prompt, 30, temperature=0))
 
 
+def test_static_step_spans_grow_with_the_position(random_model):
+    model = set_kernel(random_model(512, ["model.seq_len=512"]), "int2")
+    step = CompiledStep(model, compile=False)
+    assert [step.span(p) for p in (0, 100, 127, 128, 300, 511)] == [128, 128, 128, 256, 512, 512]
+    prompt = list(torch.randint(0, 512, (120,), generator=torch.Generator().manual_seed(1)))
+    prompt = [int(t) for t in prompt]  # decoding crosses from the 128 span into the 256 one
+    assert list(generate(model, prompt, 40, temperature=0, compiled_step=step)) == \
+        list(generate(model, prompt, 40, temperature=0))
+
+
 def test_compiled_step_decodes_like_eager(random_model):
     model = random_model(512, KNOBS[1])
     compiled = prepare_decoding(model, "int2", compile=True)

@@ -2,13 +2,13 @@
 
 At batch 1 a small model's decoding is bound by per-operator overhead, not by its matmuls: a token costs
 hundreds of small PyTorch calls. `CompiledStep` runs the step of a plain GPT (no mHC, no loop) with shapes
-that never change, so `torch.compile` builds it once: the position is a tensor, and attention reads the
-whole preallocated KV cache under a mask of the positions filled so far (instead of a slice that grows
-every step). It calls the model's own
-modules (norms, projections with their ternary kernels, MLP, head), so it computes what `GPT.passes`
-computes with a cache, to float rounding (test). The graph only reads the cache; the new position's keys
-and values come out and are written in place after it. The prompt still runs eagerly and fills the same
-cache.
+that do not change from token to token, so `torch.compile` builds one graph per cache span: the position
+is a tensor, and attention reads a fixed span of the preallocated KV cache (the next power of two above
+the position, at least 128) under a mask of the positions filled so far, instead of a slice that grows
+every step. It calls the model's own modules (norms, projections with their ternary kernels, MLP, head),
+so it computes what `GPT.passes` computes with a cache, to float rounding (test). The graph only reads
+the cache; the new position's keys and values come out and are written in place after it. The prompt
+still runs eagerly and fills the same cache.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import torch
 
 from ternchat.model.bitlinear import set_kernel
 from ternchat.model.gpt import GPT, KVCache, apply_rotary
+
+MIN_SPAN = 128
 
 
 def prepare_decoding(model: GPT, kernel: str = "auto", compile: bool = False) -> "CompiledStep | None":
@@ -44,6 +46,8 @@ class CompiledStep:
         self.model = model
         self.positions = torch.arange(model.shape.seq_len, device=model.rope_cos.device)
         self._run = torch.compile(self._step, dynamic=False) if compile else self._step
+        spans = (model.shape.seq_len // MIN_SPAN).bit_length() + 1  # one graph per span
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, spans)
 
     @torch.no_grad()
     def __call__(self, token: int, cache: KVCache) -> torch.Tensor:
@@ -53,11 +57,19 @@ class CompiledStep:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {cache.pos + 1} requested")
         device = cache.k.device
         pos = torch.tensor([cache.pos], device=device)
-        logits, keys, values = self._run(torch.tensor([[token]], device=device), pos, cache.k, cache.v)
+        span = self.span(cache.pos)
+        logits, keys, values = self._run(torch.tensor([[token]], device=device), pos, cache.k[:, :, :, :span],
+                                         cache.v[:, :, :, :span])
         cache.k.index_copy_(3, pos, keys.to(cache.k.dtype))  # the new position of every layer, written in place
         cache.v.index_copy_(3, pos, values.to(cache.v.dtype))
         cache.pos += 1
         return logits
+
+    def span(self, pos: int) -> int:
+        """The cache positions attention reads for a token at `pos`: the next power of two above it (at least
+        128), capped at the context. Each span is its own static graph, compiled the first time it is needed,
+        so a short conversation does not pay for attention over the whole context."""
+        return min(self.model.shape.seq_len, max(MIN_SPAN, 1 << pos.bit_length()))
 
     def _step(self, token: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,7 +77,7 @@ class CompiledStep:
         cache is only read here: a write into it inside the graph makes inductor sweep the whole cache."""
         model = self.model
         cos, sin = model.rope_cos.index_select(0, pos), model.rope_sin.index_select(0, pos)
-        earlier = (self.positions < pos)[None, None, None, :]
+        earlier = (self.positions[:keys.shape[3]] < pos)[None, None, None, :]
         x = model.embed(token)
         new_keys, new_values = [], []
         for i, block in enumerate(model.blocks):
