@@ -24,7 +24,7 @@ import torch
 
 from ternchat.data.errors import DataError
 from ternchat.data.tokenizer import Tokenizer
-from ternchat.model.bitlinear import BitLinear, TernaryLinear
+from ternchat.model.bitlinear import as_ternary
 from ternchat.model.gpt import GPT
 
 QUANTS = ("tq2_0", "tq1_0")
@@ -92,10 +92,6 @@ def vocab_and_merges(tok: Tokenizer) -> tuple[list[str], list[str], list[int]]:
             i = min(splits)[2]
             merges.append(f"{spell(token[:i])} {spell(token[i:])}")
     return tokens, merges, types
-
-
-def _ternary(module: torch.nn.Module) -> TernaryLinear:
-    return TernaryLinear.from_bitlinear(module) if isinstance(module, BitLinear) else module
 
 
 def _qtype(quant: str):
@@ -166,7 +162,7 @@ def export_gguf(model: GPT, tok: Tokenizer, out: Path, quant: str = "tq2_0",
             if isinstance(module, torch.nn.RMSNorm):
                 writer.add_tensor(f"blk.{i}.{short}.weight", module.weight.detach().float().numpy())
                 continue
-            ternary = _ternary(module)
+            ternary = as_ternary(module)
             writer.add_tensor(f"blk.{i}.{short}.weight", quantize_codes(ternary.codes, quant), raw_dtype=qtype)
             writer.add_tensor(f"blk.{i}.{short}.scale", ternary.beta.reshape(1).float().numpy())
     writer.write_header_to_file()

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from ternchat.data.errors import DataError
 from ternchat.data.tokenizer import BPE_FILE, Tokenizer
-from ternchat.model.bitlinear import BitLinear, TernaryLinear
+from ternchat.model.bitlinear import as_ternary
 from ternchat.model.gpt import GPT
 
 REMOTE_CODE = Path(__file__).with_name("hf_code")
@@ -60,12 +60,6 @@ def _check_exportable(model: GPT) -> None:
                         + ", which neither BitNetForCausalLM nor the exported remote code computes")
 
 
-def _ternary(module: torch.nn.Module) -> TernaryLinear | None:
-    if isinstance(module, BitLinear):
-        return TernaryLinear.from_bitlinear(module)
-    return module if isinstance(module, TernaryLinear) else None
-
-
 def _native_name(name: str) -> str:
     """ternchat's parameter name -> BitNetForCausalLM's."""
     if name == "embed.weight":
@@ -91,7 +85,7 @@ def _tensors(model: GPT, native: bool, float_dtype: torch.dtype) -> dict[str, to
     for name, module in model.named_modules():
         if name.startswith("mtp"):
             continue
-        ternary = _ternary(module)
+        ternary = as_ternary(module)
         if ternary is None:
             continue
         packed = pack_codes_2bit(ternary.codes)

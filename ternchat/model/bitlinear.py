@@ -125,6 +125,14 @@ class TernaryLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
+def as_ternary(module: nn.Module) -> TernaryLinear | None:
+    """The inference form of a ternary layer (a BitLinear's codes and scale, or the TernaryLinear itself);
+    None for any other module."""
+    if isinstance(module, BitLinear):
+        return TernaryLinear.from_bitlinear(module)
+    return module if isinstance(module, TernaryLinear) else None
+
+
 def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
     """Choose the kernel of every TernaryLinear in `model` ("float", "int8" or "int2"); returns the model."""
     if kernel not in TernaryLinear.KERNELS:
