@@ -156,6 +156,7 @@ def llama_cpp_available() -> bool:
 
 def bench_decode(tokens: int, shapes: list[str] | None = None, log=print) -> dict:
     from ternchat.export.gguf import llama_cpp_problems
+    from ternchat.model.gpt import GPTShape
 
     rows = []
     for name in shapes or list(SHAPES):
@@ -163,7 +164,7 @@ def bench_decode(tokens: int, shapes: list[str] | None = None, log=print) -> dic
         for variant in VARIANTS:
             row = {"model": name, "variant": variant}
             if variant.startswith("llama.cpp"):
-                problems = llama_cpp_problems(_shape_only(shape))
+                problems = llama_cpp_problems(GPTShape(**shape, quant="ternary"))
                 if problems:
                     rows.append({**row, "skipped": "the bitnet graph does not apply: " + "; ".join(problems)})
                     continue
@@ -180,15 +181,6 @@ def bench_decode(tokens: int, shapes: list[str] | None = None, log=print) -> dic
             rows.append(row)
     return {"machine": machine(), "tokens": tokens, "prompt_tokens": PROMPT_TOKENS, "threads": os.cpu_count(),
             "rows": rows}
-
-
-def _shape_only(shape: dict):
-    """An object with the `.shape` llama_cpp_problems reads, without building the model."""
-    from types import SimpleNamespace
-
-    from ternchat.model.gpt import GPTShape
-
-    return SimpleNamespace(shape=GPTShape(**shape, quant="ternary"))
 
 
 def format_decode(report: dict) -> str:

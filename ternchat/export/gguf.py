@@ -25,7 +25,7 @@ import torch
 from ternchat.data.errors import DataError
 from ternchat.data.tokenizer import Tokenizer
 from ternchat.model.bitlinear import as_ternary
-from ternchat.model.gpt import GPT
+from ternchat.model.gpt import GPT, GPTShape
 
 QUANTS = ("tq2_0", "tq1_0")
 BLOCK = 256  # QK_K: the TQ formats' block along a row
@@ -35,9 +35,8 @@ _BLOCK_TENSORS = {"attn.q_proj": "attn_q", "attn.k_proj": "attn_k", "attn.v_proj
                   "mlp.sub_norm": "ffn_sub_norm"}
 
 
-def llama_cpp_problems(model: GPT) -> list[str]:
-    """Why llama.cpp's bitnet graph cannot run this model (empty when it can)."""
-    s = model.shape
+def llama_cpp_problems(s: GPTShape) -> list[str]:
+    """Why llama.cpp's bitnet graph cannot run a model of this shape (empty when it can)."""
     problems = []
     if s.quant != "ternary":
         problems.append("quant must be ternary")
@@ -120,7 +119,7 @@ def export_gguf(model: GPT, tok: Tokenizer, out: Path, quant: str = "tq2_0",
 
     if quant not in QUANTS:
         raise DataError(f"--quant {quant}: choose one of {', '.join(QUANTS)}")
-    problems = llama_cpp_problems(model)
+    problems = llama_cpp_problems(model.shape)
     if problems:
         raise DataError("llama.cpp's bitnet graph cannot run this model: " + "; ".join(problems)
                         + " (train with these architecture knobs, docs/use.md)")
