@@ -232,7 +232,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             result = check_logits(out, model, tok, _check_texts())
             print(f"transformers ({result['class']}) against ternchat, fp32, {result['tokens']} positions: max |logit "
                   f"difference| {result['max_abs_logit_diff']:.3g}, {result['within_1e-4']} positions within 1e-4, "
-                  f"same top token at {result['same_top_token']}")
+                  f"same top token at {result['same_top_token']}; generate() greedy: {result['greedy_agree']} of "
+                  f"{len(result['greedy_ternchat'])} tokens as ternchat's")
         return 0
     if args.format == "gguf":
         from ternchat.export.gguf import export_gguf
@@ -370,12 +371,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ternchat.verify.humaneval import load_problems, references, score
+    from ternchat.verify.humaneval import load_problem_set, references, score
     from ternchat.verify.inputs import read_completions
     from ternchat.verify.metrics import summarize, write_reports
     from ternchat.verify.sandbox import Limits, checked_isolation
 
-    problems = load_problems(args.problems)  # malformed files stop here, before anything runs
+    problem_set = load_problem_set(args.problems, args.strict)  # malformed files stop here, before anything runs
+    problems = problem_set.problems
     given = read_completions(args.completions, [p.name for p in problems]) if args.completions else None
     limits = Limits(allow_unisolated=args.allow_unisolated)
     iso = checked_isolation(limits)  # refuse before spending time on generation
@@ -413,11 +415,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = score(problems, completions, workers=args.workers, limits=limits, progress=bar.update,
                     cut=args.run is not None or args.completions is not None)
     bar.close()
-    summary = summarize(results, ks)
+    summary = summarize(results, ks, skipped=problem_set.skipped)
     write_reports(results, summary, out, f"HumanEval-Rust ({args.problems})")
     print(", ".join(f"{k} {v:.3f}" for k, v in summary["pass@k"].items())
           + f", compile rate {summary['compile_rate']:.3f}, semantic correctness "
-            f"{summary['semantic_correctness']:.3f}; outcomes {summary['outcomes']} -> {out}")
+            f"{summary['semantic_correctness']:.3f}; outcomes {summary['outcomes']}"
+          + (f"; {len(problem_set.skipped)} problem(s) skipped as unscorable" if problem_set.skipped else "")
+          + f" -> {out}")
     return 0
 
 
@@ -782,6 +786,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rust_basics (shipped), hf (nuprl/MultiPL-E humaneval-rs), or a JSON/JSONL file in "
                         "MultiPL-E's layout (name, prompt, tests) or the test-module layout (task_id, prompt, "
                         "canonical_solution, test with #[test] functions, entry_point, optional edition)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a problem file with a problem that cannot be scored (a test module without a "
+                        "#[test] function) instead of skipping it with a warning")
     p.add_argument("--samples", type=int, default=1, help="completions per problem")
     p.add_argument("--k", default="1", help="comma-separated k of pass@k, e.g. 1,10")
     p.add_argument("--temperature", type=float, default=None, help="default: greedy for 1 sample, else 0.2")

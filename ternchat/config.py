@@ -4,6 +4,9 @@ A config file is TOML with the sections below. Every key is checked before anyth
 unknown section or key, a value of the wrong type or out of range raises `ConfigError` with one
 message naming the key and what is valid (the CLI turns it into exit status 2). Techniques that
 later work adds own their own section or keys; until then a key for them is unknown, not ignored.
+A section with an `enabled` switch ([mhc], [loop], [collider]) takes its other keys only when it is
+switched on: `--set mhc.streams=8` alone is an error that names `mhc.enabled = true`, never a
+silently ignored key.
 The defaults are the `configs/tiny_cpu.toml` preset.
 """
 
@@ -119,6 +122,10 @@ class ModelConfig:
                                      "bitnet graph have none)")
     tie_embeddings: bool = _field(False, doc="the LM head is the token embedding (llama.cpp's bitnet graph and "
                                              "microsoft/bitnet-b1.58-2B-4T tie them)")
+    ternary_gemm: str = _field("float", choices=("float", "int8"),
+                               doc="BitLinear's training forward: float multiplies the dequantized operands in the "
+                                   "autocast dtype; int8 multiplies the int8 activation and weight codes exactly "
+                                   "(torch._int_mm, int8 tensor cores on CUDA sm_80+) and scales afterwards")
 
 
 @dataclass
@@ -467,7 +474,22 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def _check_switched_on(cfg: Config) -> None:
+    """A section with an `enabled` switch that is off takes no other key: a key set away from its default
+    there would be silently ignored, so it is an error naming the key and the switch."""
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        if getattr(obj, "enabled", True):
+            continue
+        defaults = type(obj)()
+        for f in dataclasses.fields(obj):
+            if f.name != "enabled" and getattr(obj, f.name) != getattr(defaults, f.name):
+                raise ConfigError(f"{section}.{f.name} = {getattr(obj, f.name)!r} is set but [{section}] is off; "
+                                  f"set {section}.enabled = true to use it, or leave {section}.{f.name} unset")
+
+
 def _validate(cfg: Config) -> None:
+    _check_switched_on(cfg)
     m = cfg.model
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model = {m.d_model} must be divisible by model.n_heads = {m.n_heads}")
@@ -507,6 +529,11 @@ def _validate(cfg: Config) -> None:
     if cfg.collider.enabled and (cfg.mtp.kind != "none" or cfg.loop.enabled):
         raise ConfigError("collider.enabled filters the next-token loss of a plain objective; it does not combine "
                           "with mtp.kind or loop.enabled yet")
+    if m.ternary_gemm == "int8" and m.quant != "ternary":
+        raise ConfigError("model.ternary_gemm = 'int8' multiplies ternary codes; it needs model.quant = 'ternary'")
+    if m.ternary_gemm == "int8" and (f.recipe != "none" or cfg.collider.enabled):
+        raise ConfigError("model.ternary_gemm = 'int8' replaces the linear's own GEMMs, so it does not combine with "
+                          "fp4.recipe or collider.enabled; set model.ternary_gemm = 'float' for those")
     if cfg.loader.kind == "minato" and cfg.loader.workers < 1:
         raise ConfigError("loader.kind = 'minato' prepares samples in worker processes: set loader.workers >= 1 "
                           "(the fast workers; loader.slow_workers serve the slow queue)")

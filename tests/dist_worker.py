@@ -11,14 +11,18 @@ can compare a 2-rank run with a 1-process run of the same global batch.
 """
 
 import argparse
+import glob
+import sys
+from pathlib import Path
 
 import torch
 
 from ternchat.config import load_config
 from ternchat.model.gpt import GPT, GPTShape
 from ternchat.optim.factory import build_optimizer
-from ternchat.train.distributed import (full_model_state, gradients_complete, init_distributed, launched_ranks,
-                                        micro_batch_done, model_home, parallelize, shutdown_distributed)
+from ternchat.train.distributed import (Ranks, full_model_state, gradients_complete, init_distributed,
+                                        launched_ranks, micro_batch_done, model_home, parallelize,
+                                        shutdown_distributed)
 
 VOCAB, ROWS, SEQ = 256, 4, 32
 
@@ -27,7 +31,7 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def main() -> None:
+def main() -> Ranks:
     parser = argparse.ArgumentParser()
     parser.add_argument("--strategy", default="none")
     parser.add_argument("--optim", choices=("sgd", "muon", "8bit-muon", "gum"), default="sgd")
@@ -87,8 +91,20 @@ def main() -> None:
     state = {k: v.clone() for k, v in full_model_state(model).items()}
     if ranks.main:
         torch.save({"grads": first_grads, "params": state}, args.out)
-    shutdown_distributed()
+    return ranks
+
+
+def gloo_threads() -> list[str]:
+    """gloo's worker and transport threads still running in this process (Linux)."""
+    names = [Path(task, "comm").read_text().strip() for task in glob.glob("/proc/self/task/*")]
+    return [n for n in names if "gloo" in n]
 
 
 if __name__ == "__main__":
-    main()
+    distributed = main().distributed
+    shutdown_distributed()
+    # The group must be gone, its threads joined, before the interpreter finalizes: a gloo thread that
+    # outlives it can abort the process at exit (train/distributed.py, shutdown_distributed).
+    if distributed and sys.platform == "linux" and (left := gloo_threads()):
+        sys.exit(f"the process group outlived shutdown_distributed: threads {left} still run")
+

@@ -12,6 +12,8 @@ from ternchat.model.looped import exit_distribution, gate_loss, joint_loss, q_ex
 from ternchat.model.mhc import HyperConnection, composite_gain, sinkhorn
 from ternchat.optim.factory import build_optimizer
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run on other CPU kernel paths
+
 BASE = dict(vocab_size=48, depth=2, d_model=32, n_heads=2, d_ff=64, seq_len=24, quant="ternary")
 
 

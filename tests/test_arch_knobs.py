@@ -12,6 +12,8 @@ from ternchat.optim.factory import build_optimizer
 from ternchat.runs import load_run_model
 from ternchat.train.checkpoint import save_checkpoint
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run on other CPU kernel paths
+
 SMALL = ["model.depth=2", "model.d_model=64", "model.n_heads=2", "model.seq_len=32", "tokenizer.vocab_size=512"]
 
 

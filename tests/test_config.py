@@ -136,3 +136,20 @@ def test_offload_needs_fsdp2():
     with pytest.raises(ConfigError, match="dist.offload needs dist.strategy = 'fsdp2' \\(it is 'ddp'\\)"):
         load_config(overrides=["dist.offload=true", "dist.strategy=ddp"])
     assert load_config(overrides=["dist.offload=true", "dist.strategy=fsdp2"]).dist.offload
+
+
+@pytest.mark.parametrize("key", ["mhc.streams=8", "mhc.constraint=none", "loop.steps=2", "collider.filter_frac=0.2",
+                                 'collider.reference="runs/ref"'])
+def test_a_key_of_a_technique_that_is_off_names_its_switch(key, tmp_path):
+    section = key.split(".")[0]
+    with pytest.raises(ConfigError, match=rf"\[{section}\] is off; set {section}.enabled = true"):
+        load_config(overrides=[key])
+    cfg = load_config(overrides=[key, f"{section}.enabled=true"])  # switched on, the key is used
+    assert getattr(cfg, section).enabled
+    result = run_cli("config", "--set", key, env_home=tmp_path)
+    assert result.returncode == 2 and f"{section}.enabled = true" in result.stderr
+
+
+def test_a_saved_config_of_a_technique_that_is_off_loads(tmp_path):
+    (tmp_path / "c.toml").write_text(Config().to_toml())  # every key written out, at its default
+    assert load_config(tmp_path / "c.toml") == Config()

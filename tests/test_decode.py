@@ -10,6 +10,8 @@ from ternchat.eval.engine import generate
 from ternchat.model.bitlinear import set_kernel
 from ternchat.model.gpt import KVCache
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run on other CPU kernel paths
+
 KNOBS = [[], ["model.mlp=swiglu", "model.qk_norm=false", "model.tie_embeddings=true"]]
 
 
@@ -22,8 +24,11 @@ def test_decoding_kernels_match_the_float_kernel(random_model, knobs, kernel):
         exact = model(ids)
         set_kernel(model, kernel)
         fast = model(ids)
-    assert (exact - fast).abs().max() < 1e-4 * exact.abs().max()
-    assert torch.equal(exact.argmax(-1), fast.argmax(-1))
+    tolerance = 1e-4 * exact.abs().max()
+    assert (exact - fast).abs().max() < tolerance
+    # the same top token, except where two logits are within the kernels' rounding of each other
+    chosen = exact.gather(-1, fast.argmax(-1, keepdim=True)).squeeze(-1)
+    assert (exact.amax(-1) - chosen <= 2 * tolerance).all()
 
 
 @pytest.mark.parametrize("knobs", KNOBS)
@@ -52,6 +57,7 @@ def test_static_step_spans_grow_with_the_position(random_model):
         list(generate(model, prompt, 40, temperature=0))
 
 
+@pytest.mark.inductor
 def test_compiled_step_decodes_like_eager(random_model):
     model = random_model(512, KNOBS[1])
     compiled = prepare_decoding(model, "int2", compile=True)
@@ -78,6 +84,6 @@ def test_packed_kernel_computes_exact_integer_products():
         codes = torch.randint(-1, 2, (outputs, inputs), dtype=torch.int8, generator=generator)
         x = torch.randint(-128, 128, (rows, inputs), dtype=torch.int8, generator=generator)
         products = torch.ops.ternchat.ternary_mm(x, ternary_kernel.pack(codes), outputs)
-        assert torch.equal(products, x.int() @ codes.int().t())
+        assert torch.equal(products, x.int() @ codes.int().t())  # exact: integer products, int32 sums
     with pytest.raises(ValueError, match="multiples of 64"):
         ternary_kernel.pack(torch.zeros(4, 100, dtype=torch.int8))

@@ -6,10 +6,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 import torch
@@ -22,10 +24,26 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="torch.distributed with gloo is needed")
 
 
-def torchrun(nproc: int, *args: str, **kw) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+def torchrun(nproc: int, *args: str, launch: Sequence[str] = ("--standalone",), **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc-per-node={nproc}", *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(*args: str, timeout: float) -> None:
+    """One job of two "nodes" of one rank each, as on a cluster: two torchrun agents that meet through the
+    c10d rendezvous (here on loopback) and are told nothing but the endpoint and the job's id."""
+    launch = ("--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+              f"--rdzv-id=job{free_port()}", "--local-addr=127.0.0.1")
+    nodes = [torchrun(1, *args, launch=launch) for _ in range(2)]
+    for node in nodes:
+        finish(node, timeout)
 
 
 def finish(job: subprocess.Popen, timeout: float) -> str:
@@ -151,6 +169,19 @@ def test_kill_9_of_a_two_rank_run_resumes_at_two_ranks_and_at_one(tmp_path, over
     assert sorted(resumed_alone) == list(range(1, 15))
     first_after = min(s for s in resumed_alone if s > 8)
     assert resumed_alone[first_after] == pytest.approx(expected[first_after], rel=1e-4)
+
+
+def test_two_nodes_train_checkpoint_and_resume_like_one_node_with_two_ranks(tmp_path, overrides):
+    steps = ["--set", "train.max_steps=8"]
+    finish(torchrun(2, *tiny_train_args(overrides, tmp_path / "one_node", *steps)), timeout=300)
+    two_nodes(*tiny_train_args(overrides, tmp_path / "two_nodes", *steps), timeout=300)
+    expected = losses(tmp_path / "one_node")
+    assert sorted(expected) == list(range(1, 9))
+    assert losses(tmp_path / "two_nodes") == expected  # the same ranks and rows: bit-identical on CPU
+    shutil.rmtree(tmp_path / "two_nodes" / "checkpoints" / "step_000008")
+    two_nodes(*tiny_train_args(overrides, tmp_path / "two_nodes", *steps, "--resume"), timeout=300)
+    assert latest_checkpoint(tmp_path / "two_nodes").name == "step_000008"
+    assert losses(tmp_path / "two_nodes") == expected
 
 
 def test_document_loader_positions_resume_per_rank(tmp_path, overrides):

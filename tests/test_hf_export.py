@@ -15,6 +15,8 @@ from ternchat.eval.engine import generate  # noqa: E402
 from ternchat.export.hf import check_logits, export_hf  # noqa: E402
 from ternchat.verify.tasks import generate_tasks  # noqa: E402
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run on other CPU kernel paths
+
 
 @pytest.fixture(scope="module")
 def texts() -> list[str]:
@@ -48,9 +50,10 @@ def test_remote_code_export_matches_ternchat(knobs, quant, random_model, task_to
     result = check_logits(out, model, task_tokenizer, texts)
     assert result["class"] == "TernchatForCausalLM"
     assert result["max_abs_logit_diff"] < 1e-4, result
+    assert result["greedy_transformers"] == result["greedy_ternchat"] and result["greedy_agree"] == 16, result
     prompt = [task_tokenizer.bos_id] + task_tokenizer.encode("fn main() {")
     ours = list(generate(model, prompt, 12, temperature=0))
-    assert hf_greedy(out, prompt, len(ours)) == ours  # generate() through transformers' KV cache
+    assert hf_greedy(out, prompt, len(ours)) == ours  # generate() through transformers' KV cache, every token
 
 
 def test_bitnet_knobs_load_natively(random_model, task_tokenizer, saved_tokenizer, texts, tmp_path, monkeypatch):

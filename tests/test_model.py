@@ -11,6 +11,8 @@ from ternchat.model.bitlinear import (BitLinear, TernaryLinear, quantize_activat
 from ternchat.model.gpt import GPT, GPTShape, KVCache
 from ternchat.optim.muon import Muon, newton_schulz
 
+pytestmark = pytest.mark.numerics  # rerun by .ci/run on other CPU kernel paths
+
 
 def test_weights_take_exactly_three_values_scaled_by_absmean():
     w = torch.randn(64, 48) * 0.3
@@ -18,7 +20,7 @@ def test_weights_take_exactly_three_values_scaled_by_absmean():
     s = w.abs().mean()
     assert set(q.unique().tolist()) <= {-s.item(), 0.0, s.item()}
     assert len(q.unique()) == 3
-    assert torch.equal(q, (w / s).round().clamp(-1, 1) * s)
+    assert torch.equal(q, (w / s).round().clamp(-1, 1) * s)  # exact: the same ops in the same order
 
 
 def test_activations_are_8_bit_per_token():
@@ -39,7 +41,7 @@ def test_straight_through_gradients():
     g = torch.randn_like(y)
     y.backward(g)
     x_q, w_q = quantize_activation(x.detach()), quantize_weight(layer.weight.detach())
-    assert torch.equal(y.detach(), F.linear(x_q, w_q))
+    assert torch.equal(y.detach(), F.linear(x_q, w_q))  # exact: the layer ends in this very call
     assert torch.allclose(layer.weight.grad, g.T @ x_q, atol=1e-5)  # d/dW as if W were w_q
     assert torch.allclose(x.grad, g @ w_q, atol=1e-5)  # d/dx as if x were x_q
 
@@ -47,6 +49,7 @@ def test_straight_through_gradients():
 def test_ternary_linear_matches_bitlinear_bit_for_bit():
     layer = BitLinear(32, 24)
     x = torch.randn(3, 7, 32)
+    # exact: codes * beta is the training forward's ternary weight, and both end in the same F.linear
     assert torch.equal(TernaryLinear.from_bitlinear(layer)(x), layer(x))
 
 
@@ -118,7 +121,7 @@ def test_kv_cache_decoding_matches_the_full_forward():
 def test_inference_form_gives_the_training_models_eval_logits():
     model = random_model()
     idx = torch.randint(0, 300, (2, 16))
-    assert torch.equal(to_inference(copy.deepcopy(model))(idx), model(idx))
+    assert torch.equal(to_inference(copy.deepcopy(model))(idx), model(idx))  # exact: the same ops (TernaryLinear)
 
 
 def test_parameter_counts_by_kind():
@@ -140,7 +143,7 @@ def test_packed_export_reloads_to_identical_logits(tmp_path, quant):
     sizes = export_packed(model, tmp_path / "fp32.safetensors", "ab" * 32, torch.float32)
     loaded, tok_hash = load_packed(tmp_path / "fp32.safetensors")
     assert tok_hash == "ab" * 32
-    assert torch.equal(loaded(idx), model(idx))
+    assert torch.equal(loaded(idx), model(idx))  # exact: the same values through the same ops
     # bf16 embedding/head: identical to the model with those two matrices rounded to bf16
     export_packed(model, tmp_path / "bf16.safetensors", "ab" * 32, torch.bfloat16)
     rounded = copy.deepcopy(model)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ternchat.verify.humaneval import (Problem, ProblemError, build_program, load_problems, references, score,
-                                      stop_at_stop_tokens)
+from ternchat.verify.humaneval import (Problem, ProblemError, build_program, load_problem_set, load_problems,
+                                      references, score, stop_at_stop_tokens)
 from ternchat.verify.inputs import InputError
 from ternchat.verify.metrics import pass_at_k, summarize, write_reports
 from ternchat.verify.sandbox import Limits, Outcome, check_metadata, check_parse, isolation, run_many, run_rust
@@ -188,6 +188,25 @@ def test_compile_checks_for_data():
     assert check_parse("pub fn f( {").outcome == "compile_error"
 
 
+NOISY_ADD = '    print!("{}", "x".repeat(1_000_000));\n    a + b\n'
+
+
+@needs_sandbox
+@pytest.mark.parametrize("layout", ["main", "test_module"])
+def test_a_correct_program_that_prints_a_megabyte_before_its_tests_end_passes(layout):
+    prompt = "fn add(a: i32, b: i32) -> i32 {\n"
+    if layout == "main":
+        problem = Problem("noisy", prompt, "}\n\nfn main() {\n    assert_eq!(add(2, 3), 5);\n}\n", ("\n}",))
+        completion, wrong = NOISY_ADD, NOISY_ADD.replace("a + b", "a - b")
+    else:
+        tests = "\n#[cfg(test)]\nmod tests {\n    use super::*;\n    #[test]\n    fn adds() { assert_eq!(add(2, 3), 5); }\n}\n"
+        problem = Problem("noisy", prompt, tests, ("\n#[cfg(test)]",), test_module=True)
+        completion, wrong = NOISY_ADD + "}\n", NOISY_ADD.replace("a + b", "a - b") + "}\n"
+    right, failing = (score([problem], {"noisy": [c]})["noisy"][0] for c in (completion, wrong))
+    assert right.outcome == "ok", right.messages  # the proof line comes after 1 MB without a newline
+    assert failing.outcome == "runtime_error"
+
+
 @needs_sandbox
 def test_cli_scores_a_completions_file(tmp_path):
     problems = load_problems()
@@ -265,14 +284,37 @@ def test_test_module_model_completions_are_cut_before_their_own_tests():
     assert whole.outcome == "compile_error" and "E0428" in whole.error_codes  # `tests` defined twice
 
 
-def test_test_module_rows_without_a_test_function_are_refused(tmp_path):
-    row = {"task_id": "X/0", "prompt": "fn f() -> u32 {", "canonical_solution": "1 }", "entry_point": "f",
-           "test": "\n#[cfg(test)]\nmod tests {\n    fn helper() {}\n}\n"}
-    (tmp_path / "p.jsonl").write_text(json.dumps(row) + "\n")
-    with pytest.raises(InputError, match="p.jsonl:1: problem X/0: its test has no #\\[test\\] function"):
-        load_problems(tmp_path / "p.jsonl")
+EMPTY_TEST_MODULE = {"task_id": "X/0", "prompt": "fn f() -> u32 {", "canonical_solution": "1 }", "entry_point": "f",
+                     "test": "\n#[cfg(test)]\nmod tests {\n    fn helper() {}\n}\n"}
+
+
+def test_test_module_rows_without_a_test_function_are_skipped_or_refused_when_strict(tmp_path, capsys):
+    rows = [json.loads(line) for line in TEST_MODULE.read_text().splitlines()][:2] + [EMPTY_TEST_MODULE]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    problem_set = load_problem_set(tmp_path / "p.jsonl")
+    assert [p.name for p in problem_set.problems] == [rows[0]["task_id"], rows[1]["task_id"]]
+    assert list(problem_set.skipped) == [f"{tmp_path / 'p.jsonl'}:3: problem X/0"]
+    err = capsys.readouterr().err
+    assert "warning: skipped" in err and "problem X/0" in err and "1 problem(s) skipped, 2 to score" in err
+    with pytest.raises(InputError, match="p.jsonl:3: problem X/0: its test has no #\\[test\\] function"):
+        load_problems(tmp_path / "p.jsonl", strict=True)
     with pytest.raises(ProblemError, match="canonical_solution"):  # nothing to score without --completions
         references([Problem("p", "fn f() {", "}", ("\n}",))])
+
+
+@needs_sandbox
+def test_cli_scores_the_rest_of_a_file_and_counts_the_skipped_problems(tmp_path):
+    rows = TEST_MODULE.read_text() + json.dumps(EMPTY_TEST_MODULE) + "\n"
+    (tmp_path / "p.jsonl").write_text(rows)
+    command = [sys.executable, "-m", "ternchat", "eval", "humaneval-rust", "--problems", str(tmp_path / "p.jsonl")]
+    result = subprocess.run([*command, "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "warning: skipped" in result.stderr and "problem X/0" in result.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["problems"] == 9 and list(summary["skipped"]) == [f"{tmp_path / 'p.jsonl'}:10: problem X/0"]
+    assert "1 problem(s) skipped" in (tmp_path / "out" / "summary.md").read_text()
+    strict = subprocess.run([*command, "--strict"], capture_output=True, text=True)
+    assert strict.returncode == 2 and "problem X/0: its test has no #[test] function" in strict.stderr
 
 
 @needs_sandbox

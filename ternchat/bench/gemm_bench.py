@@ -36,7 +36,7 @@ FORMATS: dict[str, Operand] = {
 FILTER_FRACS = (0.0, 0.2, 0.4, 0.6)
 # The presets' block matrices (d_model, d_ff) for the GPU GEMM rows: A 7B, B 3B, C 5B (configs/*.toml).
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-PRESET_SHAPES = {"A (7B)": CONFIGS / "config_a_threadripper_blackwell.toml",
+PRESET_SHAPES = {"~125M": CONFIGS / "ternary_135m.toml", "A (7B)": CONFIGS / "config_a_threadripper_blackwell.toml",
                  "B (3B)": CONFIGS / "config_b_9800x3d_dual4090.toml",
                  "C (5B)": CONFIGS / "config_c_dual_epyc_4090.toml"}
 
@@ -85,8 +85,9 @@ def probe_quantization(trainer) -> dict:
 
 
 def gemm_throughput(device: torch.device, tokens: int = 8192, reps: int = 30) -> list[dict]:
-    """bf16 against FP8 `_scaled_mm` GEMM TFLOP/s for the presets' block matrices (CUDA only): the
-    median of `reps` launches timed one by one with CUDA events, after 5 untimed ones, on random data."""
+    """bf16 against FP8 `_scaled_mm` and int8 `_int_mm` (BitLinear's exact forward) GEMM TFLOP/s (TOPS for
+    int8) for the ~125M model's and the presets' block matrices (CUDA only): the median of `reps` launches
+    timed one by one with CUDA events, after 5 untimed ones, on random data."""
     from ternchat.model.fp4 import to_fp8
 
     def median_seconds(fn) -> float:
@@ -111,8 +112,11 @@ def gemm_throughput(device: torch.device, tokens: int = 8192, reps: int = 30) ->
             b = torch.randn(n, k, device=device, dtype=torch.bfloat16)
             a8, sa = to_fp8(a, "e4m3")
             b8, sb = to_fp8(b, "e4m3")
+            a_int = torch.randint(-128, 128, (tokens, k), device=device, dtype=torch.int8)
+            b_int = torch.randint(-1, 2, (n, k), device=device, dtype=torch.int8)
             timed = {"bf16": lambda: a @ b.t(),
-                     "fp8": lambda: torch._scaled_mm(a8, b8.t(), sa, sb, out_dtype=torch.bfloat16)}
+                     "fp8": lambda: torch._scaled_mm(a8, b8.t(), sa, sb, out_dtype=torch.bfloat16),
+                     "int8": lambda: torch._int_mm(a_int, b_int.t())}
             rows.append({"preset": preset, "matrix": f"{name} ({k} x {n})",
                          **{label: 2 * tokens * k * n / median_seconds(fn) / 1e12 for label, fn in timed.items()}})
     return rows
@@ -131,9 +135,10 @@ def format_gemm(report: dict) -> str:
     if not report["gemm_throughput"]:
         return "GEMM throughput rows: no CUDA device here; they run on a GPU."
     lines = [f"GEMM throughput, 8192 tokens (TFLOP/s, median of 30), {report['machine']}:", "",
-             "| preset | matrix | bf16 | fp8 | fp8 / bf16 |", "|---|---|---|---|---|"]
+             "| preset | matrix | bf16 | fp8 | int8 (TOPS) | fp8 / bf16 | int8 / bf16 |", "|---|---|---|---|---|---|---|"]
     for r in report["gemm_throughput"]:
-        lines.append(f"| {r['preset']} | {r['matrix']} | {r['bf16']:.0f} | {r['fp8']:.0f} | {r['fp8'] / r['bf16']:.2f}x |")
+        lines.append(f"| {r['preset']} | {r['matrix']} | {r['bf16']:.0f} | {r['fp8']:.0f} | {r['int8']:.0f} | "
+                     f"{r['fp8'] / r['bf16']:.2f}x | {r['int8'] / r['bf16']:.2f}x |")
     return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ import torch
 from ternchat.config import Config
 from ternchat.model.gpt import GPTShape
 from ternchat.plan import plan_memory
-from ternchat.train.distributed import init_distributed, launched_ranks, shutdown_distributed
+from ternchat.train.distributed import Ranks, init_distributed, launched_ranks, shutdown_distributed
 from ternchat.train.errors import RunError
 from ternchat.train.report import machine
 from ternchat.train.trainer import (autocast_for, build_training, compile_if_possible, optimizer_step,
@@ -46,6 +46,15 @@ def bench_scale(cfg: Config, steps: int, warmup: int, memory_cap: int | None = N
                 peak_tflops: float | None = None, allow_cpu: bool = False, profile: Path | None = None) -> dict:
     ranks = launched_ranks()
     device = init_distributed(cfg.dist, ranks)
+    try:
+        result = _measure(cfg, steps, warmup, ranks, device, memory_cap, peak_tflops, allow_cpu, profile)
+    finally:
+        shutdown_distributed()  # after _measure's model is gone: it holds the process group
+    return result if ranks.main else {}
+
+
+def _measure(cfg: Config, steps: int, warmup: int, ranks: Ranks, device: torch.device, memory_cap: int | None,
+             peak_tflops: float | None, allow_cpu: bool, profile: Path | None) -> dict:
     if device.type != "cuda" and not allow_cpu:
         raise RunError("bench scale measures a GPU and there is no CUDA device here; --cpu runs it on the CPU "
                        "to check the code path")
@@ -118,8 +127,7 @@ def bench_scale(cfg: Config, steps: int, warmup: int, memory_cap: int | None = N
               "planned_tensor_bytes": planned_tensors, "planned_bytes": plan.total,
               "activation_checkpointing": t.activation_checkpointing, "strategy": cfg.dist.strategy,
               "offload": cfg.dist.offload, "compile": t.compile}
-    shutdown_distributed()
-    return result if ranks.main else {}
+    return result
 
 
 def write_profile(profiler: torch.profiler.profile, path: Path) -> None:

@@ -12,11 +12,13 @@ MTP heads are not exported (a transformers model has one head). mHC streams and 
 counterpart in either class and are refused. The tokenizer becomes a `tokenizer.json` of the same
 byte-level BPE (merges recovered from tiktoken's ranks), the code-aware split regex and the special tokens
 at their ids, with a chat template that renders data/chat.py's format. `check_logits` loads the folder
-with transformers and measures the largest logit difference against ternchat's model.
+with transformers and measures the largest logit difference against ternchat's model and how many
+greedy tokens of transformers' `generate()` (its KV cache) equal ternchat's.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -26,6 +28,7 @@ from safetensors.torch import save_file
 
 from ternchat.data.errors import DataError
 from ternchat.data.tokenizer import BPE_FILE, Tokenizer
+from ternchat.eval.engine import generate
 from ternchat.model.bitlinear import as_ternary
 from ternchat.model.gpt import GPT
 
@@ -114,7 +117,8 @@ def _config(model: GPT, tok: Tokenizer, native: bool, float_dtype: torch.dtype) 
     if native:
         return {**common, "architectures": ["BitNetForCausalLM"], "model_type": "bitnet", "hidden_act": "relu2",
                 "num_key_value_heads": s.n_heads, "attention_bias": False, "attention_dropout": 0.0,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+                # transformers 5 reads rope_parameters, 4.x the top-level rope_theta (its default is 500000)
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "rope_theta": 10000.0,
                 "quantization_config": {"quant_method": "bitnet", "linear_class": "bitlinear",
                                         "quantization_mode": "offline"}}
     return {**common, "architectures": ["TernchatForCausalLM"], "model_type": "ternchat", "quant": s.quant,
@@ -129,8 +133,11 @@ def save_hf_tokenizer(tok: Tokenizer, tokenizer_dir: Path, out: Path) -> None:
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     specials = sorted(tok.specials, key=tok.specials.get)
+    # transformers 5 renamed the converter's `additional_special_tokens` to `extra_special_tokens`
+    accepted = inspect.signature(TikTokenConverter.__init__).parameters
+    specials_key = "extra_special_tokens" if "extra_special_tokens" in accepted else "additional_special_tokens"
     converted = TikTokenConverter(vocab_file=str(tokenizer_dir / BPE_FILE), pattern=tok.pattern,
-                                  extra_special_tokens=specials).converted()
+                                  **{specials_key: specials}).converted()
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=converted, bos_token="<|bos|>", eos_token="<|eod|>",
                                      pad_token="<|pad|>", additional_special_tokens=specials,
                                      chat_template=CHAT_TEMPLATE)
@@ -168,9 +175,10 @@ def export_hf(model: GPT, tok: Tokenizer, tokenizer_dir: Path, out: Path, float_
 
 
 @torch.no_grad()
-def check_logits(out: Path, model: GPT, tok: Tokenizer, texts: list[str]) -> dict:
+def check_logits(out: Path, model: GPT, tok: Tokenizer, texts: list[str], greedy_tokens: int = 16) -> dict:
     """Load `out` with transformers (remote code trusted: it is the file this exporter wrote) and compare its
-    logits on `texts` with ternchat's, in fp32; also check the tokenizers agree on them."""
+    logits on `texts` with ternchat's, in fp32; also check the tokenizers agree on them, and greedy decoding
+    with `generate()` from the start of the first text: `greedy_agree` leading tokens equal ternchat's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf_model = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True, dtype=torch.float32).eval()
@@ -189,5 +197,14 @@ def check_logits(out: Path, model: GPT, tok: Tokenizer, texts: list[str]) -> dic
         close += int((per_position < 1e-4).sum())
         same_top += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
         tokens += len(ids)
+    # generate() runs through transformers' own cache handling, which full-sequence logits never touch
+    prompt = ([tok.bos_id] + tok.encode(texts[0]))[:16]
+    ours = list(generate(model, prompt, greedy_tokens, temperature=0))
+    ids = torch.tensor([prompt])
+    theirs = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(ours),
+                               min_new_tokens=len(ours), do_sample=False, eos_token_id=None,
+                               pad_token_id=tok.bos_id)[0, len(prompt):].tolist()
+    agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
     return {"class": type(hf_model).__name__, "max_abs_logit_diff": max_diff, "tokens": tokens,
-            "same_top_token": same_top, "within_1e-4": close}
+            "same_top_token": same_top, "within_1e-4": close, "greedy_ternchat": ours, "greedy_transformers": theirs,
+            "greedy_agree": agree}

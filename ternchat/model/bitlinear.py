@@ -44,20 +44,76 @@ def quantize_activation(x: torch.Tensor) -> torch.Tensor:
     return (x * scale).round().clamp(-128, 127) / scale
 
 
+def activation_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of `x` as int8 codes (rows, in) and their per-row scales 127 / max|x| (rows, 1), in fp32:
+    `quantize_activation(x)` is codes / scale."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    scale = 127.0 / rows.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
+    return (rows * scale).round().clamp(-128, 127).to(torch.int8), scale
+
+
 def ste(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
     """Forward value exactly `quantized`, gradient of the identity with respect to `x`."""
     return quantized.detach() + (x - x.detach())
 
 
+class ExactInt8Product(torch.autograd.Function):
+    """BitLinear's training product on integer tensor cores: y = (x_int8 @ codes^T) * (beta / s_x).
+
+    Both operands are exact int8 values (8-bit activation codes, ternary weight codes), so
+    `torch._int_mm` multiplies them with int32 accumulation, which is exact at these widths (|sum| <=
+    128 * K < 2^31), and the two scales are applied once per output afterwards. The float path instead
+    rounds the dequantized operands to the autocast dtype before multiplying. The backward is the
+    straight-through estimator's, as on the float path: dX = dY W_q and dW = dY^T X_q with the dequantized
+    operands in dY's dtype. It saves the int8 codes, not the float operands."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        x_int, scale = activation_codes(x.detach())
+        beta = ternary_scale(w.detach().float())
+        codes = ternary_codes(w.detach().float(), beta).to(torch.int8)
+        y = torch._int_mm(x_int, codes.t()).float() * (beta / scale)  # codes.t(): (in, out), column-major
+        ctx.save_for_backward(x_int, scale, codes, beta)
+        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, w.dtype
+        return y.view(*x.shape[:-1], codes.shape[0]).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        x_int, scale, codes, beta = ctx.saved_tensors
+        dy = dy.reshape(-1, dy.shape[-1])
+        x_q = (x_int.float() / scale).to(dy.dtype)
+        w_q = (codes.float() * beta).to(dy.dtype)
+        dx = (dy @ w_q).view(ctx.x_shape).to(ctx.x_dtype)
+        dw = (dy.t() @ x_q).to(ctx.w_dtype)
+        return dx, dw, None
+
+
+def int8_product_fits(x: torch.Tensor, out_features: int) -> bool:
+    """Whether `torch._int_mm` takes this product: on CUDA it needs more than 16 rows and sizes that are
+    multiples of 8 (cuBLASLt's int8 layouts), and compute capability 8.0 or newer."""
+    if x.device.type != "cuda":
+        return True
+    rows = x.numel() // x.shape[-1]
+    return (rows > 16 and rows % 8 == 0 and x.shape[-1] % 8 == 0 and out_features % 8 == 0
+            and torch.cuda.get_device_capability(x.device) >= (8, 0))
+
+
 class BitLinear(nn.Linear):
-    """A bias-free linear whose forward uses ternary weights and 8-bit activations."""
+    """A bias-free linear whose forward uses ternary weights and 8-bit activations. With `int8_forward`
+    (and no GEMM hooks) the product runs as exact integers (`ExactInt8Product`)."""
 
     def __init__(self, in_features: int, out_features: int, gemm: Gemm = NO_HOOKS):
         super().__init__(in_features, out_features, bias=False)
         self.gemm = gemm
+        self.int8_forward = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        hooked = self.gemm.quantizer is not None or self.gemm.rows is not None
+        if self.int8_forward and not hooked and int8_product_fits(x, self.out_features):
+            autocast = torch.is_autocast_enabled(x.device.type)
+            out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+            return ExactInt8Product.apply(x, w, out_dtype)
         # Quantize in fp32 even under autocast, so the ternary grid does not depend on the dtype; the
         # rounding has no gradient, so it is computed outside autograd and joined by the STE.
         with torch.no_grad():
@@ -114,9 +170,7 @@ class TernaryLinear(nn.Module):
         if self.kernel == "float":
             x_q = quantize_activation(x.float()).to(x.dtype)
             return F.linear(x_q, self.weight_values().to(x.dtype))
-        rows = x.reshape(-1, self.in_features).float()
-        scale = 127.0 / rows.abs().amax(dim=-1, keepdim=True).clamp(min=EPS)
-        x_int = (rows * scale).round().clamp(-128, 127).to(torch.int8)
+        x_int, scale = activation_codes(x)
         if self.kernel == "int8":
             products = torch._int_mm(x_int, self._codes_by_column)
         else:
@@ -150,6 +204,20 @@ def to_inference(model: nn.Module) -> nn.Module:
             setattr(model, name, TernaryLinear.from_bitlinear(child))
         else:
             to_inference(child)
+    return model
+
+
+TRAINING_GEMMS = ("float", "int8")
+
+
+def set_training_gemm(model: nn.Module, gemm: str) -> nn.Module:
+    """Choose the forward product of every BitLinear in `model`: "float" (dequantized operands) or "int8"
+    (exact integer product, `ExactInt8Product`); layers with GEMM hooks keep theirs. Returns the model."""
+    if gemm not in TRAINING_GEMMS:
+        raise ValueError(f"unknown training GEMM {gemm!r}; choose one of {', '.join(TRAINING_GEMMS)}")
+    for module in model.modules():
+        if isinstance(module, BitLinear):
+            module.int8_forward = gemm == "int8"
     return model
 
 

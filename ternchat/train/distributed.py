@@ -35,6 +35,7 @@ resumes at any number of ranks.
 
 from __future__ import annotations
 
+import gc
 import os
 import weakref
 from dataclasses import dataclass
@@ -42,7 +43,9 @@ from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  before any group exists (shutdown_distributed says why)
 import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from ternchat.config import DistConfig
@@ -183,15 +186,34 @@ _replicas: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # the DDP wrappers pa
 
 
 def shutdown_distributed() -> None:
-    """Leave the process group. DDP's reducers are dropped first: a reducer that held the group's last
-    reference would destroy it with the GIL held, and gloo's destructor waits for its worker threads,
-    which may need the GIL to release a finished work's tensors, so the process would hang at exit."""
+    """Leave the process group and destroy it, joining gloo's worker threads while the interpreter is whole.
+    Call it after dropping the sharded or replicated model.
+
+    A group that outlives `destroy_process_group` keeps its worker threads into interpreter finalization,
+    where a thread that releases the last collective's tensors needs the GIL: the rank aborts at exit
+    ("terminate called without an active exception", SIGABRT), more often under load. Two things held
+    the group past destroy: `torch.distributed.nn`'s `group=group.WORLD` default arguments, evaluated when
+    it is imported (FSDP2 imports it), which is why this module imports it before any group exists; and
+    DeviceMeshes, which newer torch lets hold their groups and which DTensor's process-wide caches
+    (sharding propagation, redistribution plans) keep alive after the model is gone, so their groups are
+    dropped here. DDP's reducers are dropped as well: a reducer that held the group's last reference
+    would destroy it with the GIL held while gloo's worker needed the GIL, and the process would hang."""
     for replica in list(_replicas):
         if hasattr(replica, "reducer"):
             del replica.reducer
     _replicas.clear()
+    gc.collect()
+    _release_meshes()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _release_meshes() -> None:
+    """Drop the process groups that live DeviceMeshes hold (newer torch keeps them in `_pg_registry`)."""
+    for obj in gc.get_objects():
+        # by the class's MRO: DeviceMesh's isinstance check would touch every object, deprecated ones too
+        if DeviceMesh in type(obj).__mro__ and isinstance(getattr(obj, "_pg_registry", None), dict):
+            obj._pg_registry.clear()
 
 
 def barrier() -> None:

@@ -37,7 +37,7 @@ from ternchat.data.shards import shard_paths
 from ternchat.data.tokenizer import Tokenizer
 from ternchat.eval.bpb import evaluate_bpb
 from ternchat.eval.engine import complete
-from ternchat.model.bitlinear import to_inference
+from ternchat.model.bitlinear import set_training_gemm, to_inference
 from ternchat.model.gpt import GPT, GPTShape
 from ternchat.optim.factory import CombinedOptimizer, build_optimizer
 from ternchat.train.errors import RunError
@@ -120,7 +120,7 @@ def build_training(cfg: Config, shape: GPTShape, ranks: Ranks, device: torch.dev
     """The model (seeded), the module to call for its forward (sharded, replicated or itself, with
     recompute as configured) and the optimizer, as a training run of `cfg` uses them."""
     torch.manual_seed(cfg.train.seed)
-    model = GPT(shape).to(model_home(cfg.dist, device))
+    model = set_training_gemm(GPT(shape).to(model_home(cfg.dist, device)), cfg.model.ternary_gemm)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     parallel_model = parallelize(model, cfg.dist, ranks, device)
     return model, parallel_model, build_optimizer(model, cfg.optim, ranks)
@@ -406,8 +406,10 @@ def resolve_run(config_path: str | None, overrides: list[str], run_dir: str | No
 def train(cfg: Config, run_dir: Path, resume: bool = False, log=print) -> dict:
     """Train a run; in a distributed run every rank calls this and rank 0 gets the result ({} elsewhere)."""
     trainer = Trainer(cfg, run_dir, resume, log)
+    main = trainer.ranks.main
     try:
         result = trainer.run()
     finally:
+        del trainer  # its model holds the process group, which shutdown_distributed destroys
         shutdown_distributed()
-    return result if trainer.ranks.main else {}
+    return result if main else {}

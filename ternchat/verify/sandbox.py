@@ -433,7 +433,8 @@ def parse_diagnostics(stderr: str) -> tuple[list[str], list[str]]:
     return codes, messages
 
 
-def _decode(data: bytes, limit: int = 20_000) -> str:
+def _decode(data: bytes, limit: int | None = 20_000) -> str:
+    """The text of a stream, cut to `limit` bytes (what an Outcome keeps); None keeps it whole."""
     return data[:limit].decode("utf-8", errors="replace")
 
 
@@ -632,7 +633,9 @@ def run_rust(source: str, *, limits: Limits = Limits(), edition: str = "2021", t
             run_s = time.perf_counter() - start
             memory_hit = box.cgroup is not None and box.cgroup.memory_limit_hit()
             stdout, stderr = _decode(out), _decode(err)
-            outcome, why = _classify_run(ending, verdict, memory_hit, stdout, stderr, proof, iso, limits)
+            # classified on the whole output: the proof comes last, after whatever the program printed
+            outcome, why = _classify_run(ending, verdict, memory_hit, _decode(out, limit=None), stderr, proof, iso,
+                                         limits)
             return Outcome(outcome, "run", ending.exit_code if ending else proc.returncode, stdout, stderr,
                            messages=[why] if why else [], compile_seconds=built.compile_seconds, run_seconds=run_s,
                            signal=ending.signal if ending else None)

@@ -11,6 +11,8 @@ a full-precision head. Codes are stored two bits each, four to a byte, in transf
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,6 +24,11 @@ try:
     from .configuration_ternchat import TernchatConfig
 except ImportError:  # imported as a top-level module
     from configuration_ternchat import TernchatConfig
+
+
+# transformers 5.25 renamed the KV cache from `past_key_values` to `cache`, as generate()'s keyword and as the
+# output's field; the model takes either keyword and fills the field its transformers declares
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 def unpack_codes(packed: torch.Tensor, rows: int) -> torch.Tensor:
@@ -200,10 +207,11 @@ class TernchatForCausalLM(TernchatPreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None,
-                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        hidden = self.model(input_ids, attention_mask, position_ids, past_key_values)
+                logits_to_keep: int = 0, cache: Cache | None = None, **kwargs) -> CausalLMOutputWithPast:
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        hidden = self.model(input_ids, attention_mask, position_ids, cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -211,4 +219,4 @@ class TernchatForCausalLM(TernchatPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
