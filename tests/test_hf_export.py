@@ -56,10 +56,12 @@ def test_remote_code_export_matches_ternchat(knobs, quant, random_model, task_to
     assert hf_greedy(out, prompt, len(ours)) == ours  # generate() through transformers' KV cache, every token
 
 
-def test_bitnet_knobs_load_natively(random_model, task_tokenizer, saved_tokenizer, texts, tmp_path, monkeypatch):
+@torch._dynamo.config.patch(disable=True)  # transformers compiles its BitLinear helpers
+def test_bitnet_knobs_load_natively(random_model, task_tokenizer, saved_tokenizer, texts, tmp_path):
+    # torch's own patch, not monkeypatch: undoing a setattr deletes the key, which hides it from every later
+    # torch.compile in the process ("torch._dynamo.config.disable does not exist")
     import json
 
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)  # transformers compiles its BitLinear helpers
     model = random_model(task_tokenizer.vocab_size, ["model.mlp=relu2_glu", "model.qk_norm=false"])
     out = tmp_path / "hf"
     assert export_hf(model, task_tokenizer, saved_tokenizer, out)["layout"] == "native BitNetForCausalLM"
