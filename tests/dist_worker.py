@@ -107,4 +107,3 @@ if __name__ == "__main__":
     # outlives it can abort the process at exit (train/distributed.py, shutdown_distributed).
     if distributed and sys.platform == "linux" and (left := gloo_threads()):
         sys.exit(f"the process group outlived shutdown_distributed: threads {left} still run")
-

@@ -199,7 +199,8 @@ def test_a_correct_program_that_prints_a_megabyte_before_its_tests_end_passes(la
         problem = Problem("noisy", prompt, "}\n\nfn main() {\n    assert_eq!(add(2, 3), 5);\n}\n", ("\n}",))
         completion, wrong = NOISY_ADD, NOISY_ADD.replace("a + b", "a - b")
     else:
-        tests = "\n#[cfg(test)]\nmod tests {\n    use super::*;\n    #[test]\n    fn adds() { assert_eq!(add(2, 3), 5); }\n}\n"
+        tests = ("\n#[cfg(test)]\nmod tests {\n    use super::*;\n    #[test]\n"
+                 "    fn adds() { assert_eq!(add(2, 3), 5); }\n}\n")
         problem = Problem("noisy", prompt, tests, ("\n#[cfg(test)]",), test_module=True)
         completion, wrong = NOISY_ADD + "}\n", NOISY_ADD.replace("a + b", "a - b") + "}\n"
     right, failing = (score([problem], {"noisy": [c]})["noisy"][0] for c in (completion, wrong))

@@ -135,7 +135,8 @@ def format_gemm(report: dict) -> str:
     if not report["gemm_throughput"]:
         return "GEMM throughput rows: no CUDA device here; they run on a GPU."
     lines = [f"GEMM throughput, 8192 tokens (TFLOP/s, median of 30), {report['machine']}:", "",
-             "| preset | matrix | bf16 | fp8 | int8 (TOPS) | fp8 / bf16 | int8 / bf16 |", "|---|---|---|---|---|---|---|"]
+             "| preset | matrix | bf16 | fp8 | int8 (TOPS) | fp8 / bf16 | int8 / bf16 |",
+             "|---|---|---|---|---|---|---|"]
     for r in report["gemm_throughput"]:
         lines.append(f"| {r['preset']} | {r['matrix']} | {r['bf16']:.0f} | {r['fp8']:.0f} | {r['int8']:.0f} | "
                      f"{r['fp8'] / r['bf16']:.2f}x | {r['int8'] / r['bf16']:.2f}x |")
