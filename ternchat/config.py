@@ -73,7 +73,7 @@ class LoaderConfig:
                        doc="simple: samples handed out in order; minato: MinatoLoader, slow samples finished by "
                            "background workers while batches are built from the ready ones")
     workers: int = _field(0, min=0, max=64, doc="worker processes preparing documents (simple: 0 = in the training "
-                                                "process; minato: the fast workers, at least 1)")
+                                                "process; minato: the fast workers, 0 = 1)")
     slow_workers: int = _field(1, min=1, max=64, doc="minato: background workers finishing the slow samples")
     timeout_ms: float = _field(500.0, min=1.0, doc="minato: per-sample time on the fast path (the paper's 0.5 s)")
     prefetch: int = _field(16, min=1, max=4096, doc="documents in preparation ahead of the batch being built")
@@ -137,7 +137,8 @@ class MTPConfig:
                        doc="heads: Gloeckle et al.'s independent heads; modules: DeepSeek-V3's sequential modules")
     n_future: int = _field(3, min=1, max=8, doc="tokens predicted beyond the next one (heads or module depth)")
     weights: list[float] = _field([1.0, 0.5, 0.25, 0.125], doc="heads: loss weight of the next-token head, then "
-                                  "of each extra head (n_future + 1 values)")
+                                  "of each extra head (n_future + 1 values; left at the default, the halving "
+                                  "series follows n_future)")
     module_weight: float = _field(0.3, min=0.0, doc="modules: lambda; the loss adds (lambda / n_future) x the sum "
                                   "of the modules' cross-entropies (DeepSeek-V3: 0.3, later 0.1)")
 
@@ -474,6 +475,18 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def _follow_main_keys(cfg: Config) -> None:
+    """Companion keys left at their defaults follow a technique's main key, so that one key switches it on:
+    `loader.kind = "minato"` gets one fast worker, and `mtp.n_future` heads get the default weights' halving
+    series at their number (1, 1/2, 1/4, ...). A companion set by hand is kept and checked."""
+    defaults = Config()
+    if cfg.loader.kind == "minato" and cfg.loader.workers == 0:
+        cfg.loader.workers = 1
+    mtp = cfg.mtp
+    if mtp.kind == "heads" and mtp.weights == defaults.mtp.weights and len(mtp.weights) != mtp.n_future + 1:
+        mtp.weights = [0.5 ** i for i in range(mtp.n_future + 1)]
+
+
 def _check_switched_on(cfg: Config) -> None:
     """A section with an `enabled` switch that is off takes no other key: a key set away from its default
     there would be silently ignored, so it is an error naming the key and the switch."""
@@ -489,6 +502,7 @@ def _check_switched_on(cfg: Config) -> None:
 
 
 def _validate(cfg: Config) -> None:
+    _follow_main_keys(cfg)
     _check_switched_on(cfg)
     m = cfg.model
     if m.d_model % m.n_heads:
@@ -534,9 +548,6 @@ def _validate(cfg: Config) -> None:
     if m.ternary_gemm == "int8" and (f.recipe != "none" or cfg.collider.enabled):
         raise ConfigError("model.ternary_gemm = 'int8' replaces the linear's own GEMMs, so it does not combine with "
                           "fp4.recipe or collider.enabled; set model.ternary_gemm = 'float' for those")
-    if cfg.loader.kind == "minato" and cfg.loader.workers < 1:
-        raise ConfigError("loader.kind = 'minato' prepares samples in worker processes: set loader.workers >= 1 "
-                          "(the fast workers; loader.slow_workers serve the slow queue)")
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:

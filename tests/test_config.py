@@ -153,3 +153,9 @@ def test_a_key_of_a_technique_that_is_off_names_its_switch(key, tmp_path):
 def test_a_saved_config_of_a_technique_that_is_off_loads(tmp_path):
     (tmp_path / "c.toml").write_text(Config().to_toml())  # every key written out, at its default
     assert load_config(tmp_path / "c.toml") == Config()
+
+
+def test_minato_alone_gets_a_fast_worker():
+    assert load_config(overrides=['loader.kind="minato"']).loader.workers == 1
+    assert load_config(overrides=['loader.kind="minato"', "loader.workers=3"]).loader.workers == 3
+    assert load_config().loader.workers == 0  # the simple loader keeps preparing in the training process

@@ -213,8 +213,9 @@ def test_a_dead_worker_is_an_error_not_a_hang(data):
 
 
 def test_loader_config_is_checked():
+    assert load_config(overrides=["loader.kind=minato"]).loader.workers == 1  # one key: a fast worker follows
     with pytest.raises(ConfigError, match="loader.workers"):
-        load_config(overrides=["loader.kind=minato"])
+        load_config(overrides=["loader.kind=minato", "loader.workers=65"])
     assert not LoaderConfig().per_document and LoaderConfig(fim_rate=0.5).per_document
 
 

@@ -162,8 +162,11 @@ def test_a_draft_as_the_target_distribution_is_always_accepted(monkeypatch):
 
 
 def test_mtp_config_is_checked():
-    with pytest.raises(ConfigError, match="mtp.weights has 4 values"):
-        load_config(overrides=['mtp.kind="heads"', "mtp.n_future=2"])
+    # one key: the default weights follow n_future; weights given by hand must fit it
+    assert load_config(overrides=['mtp.kind="heads"', "mtp.n_future=2"]).mtp.weights == [1.0, 0.5, 0.25]
+    assert load_config(overrides=['mtp.kind="heads"', "mtp.n_future=5"]).mtp.weights == [0.5 ** i for i in range(6)]
+    with pytest.raises(ConfigError, match="mtp.weights has 2 values"):
+        load_config(overrides=['mtp.kind="heads"', "mtp.n_future=2", "mtp.weights=[1.0, 0.3]"])
     with pytest.raises(ConfigError, match="FSDP2"):
         load_config(overrides=['mtp.kind="heads"', 'dist.strategy="fsdp2"'])
     assert load_config(overrides=['mtp.kind="modules"', "mtp.n_future=1"]).mtp.module_weight == 0.3
