@@ -109,8 +109,7 @@ class BitLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        hooked = self.gemm.quantizer is not None or self.gemm.rows is not None
-        if self.int8_forward and not hooked and int8_product_fits(x, self.out_features):
+        if self.int8_forward and not self.gemm.hooked and int8_product_fits(x, self.out_features):
             autocast = torch.is_autocast_enabled(x.device.type)
             out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
             return ExactInt8Product.apply(x, w, out_dtype)

@@ -41,6 +41,10 @@ class Gemm:
     quantizer: Quantizer | None = None
     rows: RowFilter | None = None
 
+    @property
+    def hooked(self) -> bool:
+        return self.quantizer is not None or self.rows is not None
+
 
 NO_HOOKS = Gemm()
 
@@ -88,7 +92,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, gemm: Gemm = NO_HOOKS) -> torch.Ten
     uses it, so a weight used several times in one forward (a looped model's head) is not kept once per
     use, and the values and gradients stay autocast's, bit for bit. With no hook set it is F.linear
     itself: PyTorch's own backward, nothing added."""
-    if gemm.quantizer is None and gemm.rows is None:
+    if not gemm.hooked:
         return F.linear(x, w)
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
