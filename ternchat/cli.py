@@ -55,6 +55,10 @@ def _data_overrides(args: argparse.Namespace) -> list[str]:
         extra.append("data.debian=false")
     if args.crates_file:
         extra.append(f"data.debian_crates={json.dumps(args.crates_file)}")
+    if args.debian_release:
+        extra += ["data.debian=true", f"data.debian_releases={json.dumps(args.debian_release)}"]
+    if args.rustc_src:
+        extra.append("data.rustc_src=true")
     if args.rust_src:
         extra.append("data.rust_src=true")
     if args.no_auto:
@@ -72,7 +76,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     cfg = _config(args, _data_overrides(args))
     if args.step == "verify":
         from ternchat.paths import ternchat_home
-        from ternchat.verify.checked_data import verify_corpus
+        from ternchat.verify.checked_data import TAGS, verify_corpus
         from ternchat.verify.sandbox import Limits, checked_isolation
 
         limits = Limits(allow_unisolated=args.allow_unisolated or cfg.eval.allow_unisolated)
@@ -85,13 +89,51 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"compile tags of {counts['files']} files ({counts['checked_now']} checked now in "
               f"{time.perf_counter() - start:.0f} s): "
               + ", ".join(f"{tag} {counts[tag]} ({100 * counts['bytes'][tag] / total:.1f}% of bytes)"
-                          for tag in ("compiles", "parses", "syntax_error", "unchecked"))
+                          for tag in TAGS)
               + f" -> {art.corpus_dir / 'compile_tags.jsonl'}")
         return 0
+    if args.step == "functions":
+        return _mine_functions(args, cfg)
+    if args.export and args.step != "shards":
+        raise DataError("--export writes the tokenizer and shards: run it with the shards step (the default)")
     art = prepare_data(cfg, until=args.step, force=args.force, eval_tokenizer=args.eval)
+    if args.export:
+        from ternchat.data.prepared import describe, export_prepared, folder_size
+
+        manifest = export_prepared(Path(args.export), corpus_dir=art.corpus_dir, corpus_summary=art.corpus_summary,
+                                   tokenizer=art.tokenizer, shard_dir=art.shard_dir,
+                                   max_train_tokens=args.max_train_tokens)
+        print(f"{describe(manifest)}\nexported to {args.export} ({folder_size(Path(args.export)) / 1e6:,.1f} MB); "
+              f"train from it with `ternchat train --data {args.export}`")
+        return 0
     print(f"data ready: corpus {art.corpus_dir}"
           + (f", tokenizer {art.tokenizer_dir}" if art.tokenizer_dir else "")
           + (f", shards {art.shard_dir}" if art.shard_dir else ""))
+    return 0
+
+
+def _mine_functions(args: argparse.Namespace, cfg: Config) -> int:
+    from ternchat.data.pipeline import prepare_data
+    from ternchat.verify.function_data import check_sample, mine_corpus
+
+    corpus_dir = prepare_data(cfg, until="corpus", force=args.force).corpus_dir
+    start = time.perf_counter()
+    mined = mine_corpus(corpus_dir, args.against)
+    print(f"documented functions in the train split: {mined['found']:,} found, {mined['dropped']:,} "
+          f"dropped as resembling one of {mined['evaluation_problems']} evaluation problems, {mined['kept']:,} kept "
+          f"({mined['with_examples']:,} with doc-test examples, {mined['examples']:,} examples) in "
+          f"{time.perf_counter() - start:.0f} s -> {mined['out']}")
+    if args.check:
+        from ternchat.verify.sandbox import Limits, checked_isolation
+
+        limits = Limits(allow_unisolated=args.allow_unisolated or cfg.eval.allow_unisolated)
+        checked_isolation(limits)
+        report = check_sample(mined["functions"], args.check, workers=cfg.data.workers or 2, limits=limits)
+        for kind, r in report.items():
+            share = r["compiles"] / r["checked"] if r["checked"] else 0.0
+            codes = ", ".join(f"{code} {n}" for code, n in r["top_error_codes"]) or "none"
+            print(f"  {kind}: {r['compiles']} of a sample of {r['checked']} compile alone ({100 * share:.0f}%); "
+                  f"most frequent rustc errors: {codes}")
     return 0
 
 
@@ -103,7 +145,10 @@ def _print_result(result: dict) -> None:
 
 
 def _run_overrides(args: argparse.Namespace) -> list[str]:
-    return [*args.overrides, *(["eval.allow_unisolated=true"] if args.allow_unisolated else [])]
+    extra = ["eval.allow_unisolated=true"] if args.allow_unisolated else []
+    if getattr(args, "data", None):
+        extra.append(f"data.prepared={json.dumps(str(Path(args.data).expanduser().resolve()))}")
+    return [*args.overrides, *extra]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -245,14 +290,16 @@ def cmd_export(args: argparse.Namespace) -> int:
               + f". Check it in llama.cpp: python scripts/check_gguf.py --run {args.run} --gguf {out}")
         return 0
     from ternchat.export.packed import export_packed
+    from ternchat.runs import run_stage
 
     out = args.out or args.run / "model_packed.safetensors"
-    sizes = export_packed(model, out, tok.hash, dtype)
+    sizes = export_packed(model, out, tok, dtype, stage=run_stage(args.run))
     mib = 2 ** 20
     print(f"wrote {out}: {sizes['packed_bytes'] / mib:.2f} MiB; the same model is {sizes['fp32_bytes'] / mib:.2f} MiB "
           f"in fp32 ({sizes['fp32_bytes'] / sizes['packed_bytes']:.1f}x) and {sizes['bf16_bytes'] / mib:.2f} MiB in "
           f"bf16 ({sizes['bf16_bytes'] / sizes['packed_bytes']:.1f}x). Ternary matrices "
-          f"{sizes['ternary_bytes'] / mib:.2f} MiB, embedding, head and gains {sizes['other_bytes'] / mib:.2f} MiB.")
+          f"{sizes['ternary_bytes'] / mib:.2f} MiB, embedding, head and gains {sizes['other_bytes'] / mib:.2f} MiB, "
+          f"tokenizer {sizes['tokenizer_bytes'] / mib:.2f} MiB: the file alone samples, chats, serves and evaluates.")
     return 0
 
 
@@ -586,6 +633,8 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
+    p.add_argument("--data", metavar="DIR", help="train from a prepared-data folder (`ternchat data --export DIR`): "
+                                                 "no sources, apt or network needed (sets data.prepared)")
     p.add_argument("--run-dir", metavar="DIR", help="run folder (default: runs/<train.run_name>)")
     p.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     _add_unisolated_arg(p)
@@ -601,9 +650,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the data pipeline up to STEP (default: all of it). Steps whose "
                                    "inputs did not change are skipped. Data lives under $TERNCHAT_HOME "
                                    "(default ~/.cache/ternchat).")
-    p.add_argument("step", nargs="?", default="shards", choices=["corpus", "tokenizer", "shards", "verify"],
+    p.add_argument("step", nargs="?", default="shards",
+                   choices=["corpus", "tokenizer", "shards", "verify", "functions"],
                    help="last step to run: corpus, tokenizer or shards (default: shards, i.e. everything); "
-                        "verify tags the corpus files by what rustc says (compiles / parses / syntax_error)")
+                        "verify tags the corpus files by what rustc says (compiles / parses / syntax_error); "
+                        "functions mines documented functions and doc-test examples for SFT")
     _add_config_args(p)
     p.add_argument("--source", action="append", metavar="DIR", default=[],
                    help="a directory of Rust sources to add (repeatable)")
@@ -613,6 +664,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "Debian release (~1,400 in Debian 12), or a file of package names")
     p.add_argument("--no-debian", action="store_true", help="do not fetch the curated Debian crates")
     p.add_argument("--crates-file", metavar="FILE", help="with --debian: a file of package names to use instead")
+    p.add_argument("--debian-release", action="append", metavar="NAME", default=[],
+                   help="take --debian's crates from this Debian release (e.g. trixie) through private apt lists, "
+                        "never the system's; repeat to combine releases (the newest copy of a crate is kept)")
+    p.add_argument("--rustc-src", action="store_true",
+                   help="add Rust's own sources from Debian's rustc source package: library, compiler, tools and "
+                        "the UI tests, tagged by their annotations as expected to compile or to fail")
     p.add_argument("--rust-src", action="store_true", help="add the standard library's sources (Debian's rust-src)")
     p.add_argument("--no-auto", action="store_true",
                    help="do not scan this machine's Rust sources (Debian registry, rust-src, ~/.cargo)")
@@ -621,6 +678,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action="store_true", help="report tokenizer bytes/token on val and encode MB/s")
     p.add_argument("--force", action="store_true", help="rebuild the steps even if their inputs are unchanged")
     p.add_argument("--limit", type=int, default=0, metavar="N", help="verify: only the first N files of each split")
+    p.add_argument("--check", type=int, default=100, metavar="N",
+                   help="functions: compile a sample of N functions and N examples alone in the sandbox (0 = none)")
+    p.add_argument("--against", action="append", default=[], metavar="FILE",
+                   help="functions: another evaluation set to keep out, e.g. humaneval-rs.jsonl (repeatable)")
+    p.add_argument("--export", metavar="DIR", help="also write a prepared-data folder (tokenizer, shards, manifest) "
+                                                   "that `ternchat train --data DIR` uses on any machine")
+    p.add_argument("--max-train-tokens", type=int, default=0, metavar="N",
+                   help="with --export: about the first N train tokens only, at a document boundary (val is whole)")
     _add_unisolated_arg(p)
     p.set_defaults(func=cmd_data)
 

@@ -44,12 +44,21 @@ def _field(default: Any, *, min: float | None = None, max: float | None = None,
 class DataConfig:
     """[data]: where Rust sources come from, how they are cleaned and split, how shards are cut."""
 
+    prepared: str = _field("", doc="a prepared-data folder (`ternchat data --export DIR`) to train from instead of "
+                                   "building the corpus, tokenizer and shards; the source keys are then unused")
     sources: list[str] = _field([], doc="extra directories of Rust sources")
     auto_discover: bool = _field(True, doc="also scan Debian's crate registry, rust-src and ~/.cargo/registry/src")
     debian: bool = _field(True, doc="download and unpack the curated Debian librust-*-dev crates")
     debian_crates: str = _field("", doc="Debian packages to fetch: empty = the curated list shipped with ternchat, "
                                         "\"all\" = every real-crate librust-*-dev package, else a file of names")
+    debian_releases: list[str] = _field([], doc="Debian releases (codenames, e.g. [\"bookworm\", \"trixie\"]) whose "
+                                                "crates --debian takes through private apt lists; empty = this "
+                                                "machine's own apt")
+    debian_mirror: str = _field("http://deb.debian.org/debian", doc="the Debian mirror of debian_releases")
     rust_src: bool = _field(False, doc="also fetch Debian's rust-src (the standard library's sources)")
+    rustc_src: bool = _field(False, doc="also take Rust's own sources (library, compiler, tools, UI tests) from "
+                                        "Debian's rustc source package, of the last of debian_releases (else this "
+                                        "machine's release)")
     hf_dataset: str = _field("", doc="optional Hugging Face dataset of Rust files (needs the 'hf' extra)")
     hf_max_files: int = _field(100_000, min=1, doc="cap on files taken from the Hugging Face dataset")
     min_file_bytes: int = _field(64, min=1, doc="drop files smaller than this")
@@ -84,11 +93,14 @@ class LoaderConfig:
                                                                "by `ternchat data verify` (0 = filter out)")
     weight_parses: float = _field(1.0, min=0.0, max=16.0, doc="copies per epoch of a document tagged parses")
     weight_syntax_error: float = _field(1.0, min=0.0, max=16.0, doc="copies per epoch of a syntax_error document")
+    weight_fails: float = _field(1.0, min=0.0, max=16.0, doc="copies per epoch of a document whose source says it "
+                                                            "must not compile (rustc's UI tests, --rustc-src)")
     weight_unchecked: float = _field(1.0, min=0.0, max=16.0, doc="copies per epoch of a document without a tag")
 
     def weights(self) -> dict[str, float]:
         return {"compiles": self.weight_compiles, "parses": self.weight_parses,
-                "syntax_error": self.weight_syntax_error, "unchecked": self.weight_unchecked}
+                "syntax_error": self.weight_syntax_error, "fails": self.weight_fails,
+                "unchecked": self.weight_unchecked}
 
     @property
     def per_document(self) -> bool:

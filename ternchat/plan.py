@@ -53,7 +53,7 @@ from ternchat.optim.muon import stack_size
 CUDA_CONTEXT = 1 << 30
 # Peak temporaries of one Newton-Schulz step over a stack of k matrices of m x n (m' = min(m, n)),
 # measured with the profiler on this code's Muon (tests/test_plan.py): bytes per value and per
-# entry of the m' x m' Gram matrices.
+# entry of the m' x m' Gram matrices, for the iterations in bf16 (a device that multiplies bf16 natively).
 NS_BYTES_PER_VALUE = 16.0
 NS_BYTES_PER_GRAM = 6.0
 

@@ -29,13 +29,16 @@ def load_run_model(run_dir: Path, latent: bool = False) -> GPT:
 
 
 def load_model_and_tokenizer(source: Path) -> tuple[GPT, Tokenizer]:
-    """`source` is a run folder or a packed `.safetensors` file inside one (its tokenizer sits beside it)."""
+    """`source` is a run folder or a packed `.safetensors` file, which holds its tokenizer (one written
+    before tokenizers were embedded needs the `tokenizer/` folder beside it)."""
     source = Path(source)
     if source.is_dir():
         model, tok_dir, want_hash = load_run_model(source), source / "tokenizer", None
     elif source.is_file():
-        model, want_hash = load_packed(source)
-        tok_dir = source.parent / "tokenizer"
+        packed = load_packed(source)
+        if packed.tokenizer is not None:
+            return packed.model, packed.tokenizer
+        model, want_hash, tok_dir = packed.model, packed.tokenizer_hash, source.parent / "tokenizer"
     else:
         raise DataError(f"no run folder or model file at {source}")
     tok = Tokenizer.load(tok_dir)
@@ -45,9 +48,11 @@ def load_model_and_tokenizer(source: Path) -> tuple[GPT, Tokenizer]:
 
 
 def run_stage(source: Path) -> str:
-    """The training stage that made a run folder's latest checkpoint: "pretrain", "sft" or "rl"
-    (a packed model file, which keeps no stage, counts as "pretrain")."""
-    checkpoint = latest_checkpoint(source) if Path(source).is_dir() else None
+    """The training stage that made a run folder's latest checkpoint or a packed model file: "pretrain",
+    "sft" or "rl" (a packed file written before files recorded it counts as "pretrain")."""
+    if Path(source).is_file():
+        return load_packed(source).stage
+    checkpoint = latest_checkpoint(source)
     if checkpoint is None:
         return "pretrain"
     return json.loads((checkpoint / "trainer.json").read_text()).get("stage", "pretrain")

@@ -207,8 +207,8 @@ def test_a_run_with_mhc_and_the_loop_resumes_exactly_and_exports(tmp_path, overr
 
     model, tok = load_model_and_tokenizer(run)
     assert model.shape.mhc_streams == 4 and model.shape.loop_steps == 2
-    export_packed(model, tmp_path / "m.safetensors", tok.hash, float_dtype=torch.float32)
-    packed, _ = load_packed(tmp_path / "m.safetensors")
+    export_packed(model, tmp_path / "m.safetensors", tok, float_dtype=torch.float32)
+    packed = load_packed(tmp_path / "m.safetensors").model
     assert packed.blocks[0].attn_residual.phi.dtype == torch.float32
     idx = torch.tensor([tok.encode("fn main() {")])
     with torch.no_grad():

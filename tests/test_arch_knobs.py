@@ -48,7 +48,7 @@ def test_without_qk_norm_queries_and_keys_are_not_normalized():
     assert any("q_norm" in n for n in model_with().state_dict())
 
 
-def test_a_tied_head_is_the_embedding_through_training_and_checkpoints(tmp_path):
+def test_a_tied_head_is_the_embedding_through_training_and_checkpoints(tmp_path, task_tokenizer):
     model = model_with("model.tie_embeddings=true")
     assert model.lm_head.weight is model.embed.weight
     cfg = load_config(overrides=[*SMALL, "model.tie_embeddings=true"])
@@ -66,8 +66,8 @@ def test_a_tied_head_is_the_embedding_through_training_and_checkpoints(tmp_path)
     model.eval()
     assert torch.allclose(loaded(x), model(x), atol=1e-6)
     packed = tmp_path / "packed.safetensors"
-    export_packed(model, packed, "hash", torch.float32)
-    again, _ = load_packed(packed)
+    export_packed(model, packed, task_tokenizer, torch.float32)
+    again = load_packed(packed).model
     assert again.lm_head.weight is again.embed.weight
     assert torch.allclose(again(x), load_run_model(tmp_path)(x), atol=1e-5)
     assert model.parameter_counts()["head"] == 0

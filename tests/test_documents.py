@@ -93,13 +93,24 @@ def test_tag_weights_come_from_compile_tags(data, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     with pytest.raises(DataError, match="ternchat data verify"):
-        document_weights(corpus, "train", n, {"compiles": 2.0, "parses": 1.0, "syntax_error": 0.0, "unchecked": 1.0})
-    rows = [{"split": "train", "tag": tag} for tag in ("compiles", "parses", "syntax_error")]
+        document_weights(corpus, "train", n, {"compiles": 2.0, "parses": 1.0, "syntax_error": 0.0, "fails": 1.0,
+                                              "unchecked": 1.0})
+    rows = [{"split": "train", "tag": tag} for tag in ("compiles", "parses", "syntax_error", "fails")]
     (corpus / "compile_tags.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     weights = document_weights(corpus, "train", n, {"compiles": 2.0, "parses": 1.0, "syntax_error": 0.0,
-                                                    "unchecked": 0.5})
-    assert weights[:3].tolist() == [2.0, 1.0, 0.0] and set(weights[3:]) == {0.5}
+                                                    "fails": 0.25, "unchecked": 0.5})
+    assert weights[:4].tolist() == [2.0, 1.0, 0.0, 0.25] and set(weights[4:]) == {0.5}
     assert document_weights(corpus, "train", n, LoaderConfig().weights()) is None
+
+
+def test_a_checkpoint_from_before_the_fails_tag_resumes_with_it_at_one(data):
+    first = doc_loader(data, LoaderConfig(fim_rate=0.5))
+    first.next_batch()
+    state = json.loads(json.dumps(first.state_dict()))
+    del state["weights"]["fails"]  # what a checkpoint written before the tag existed holds
+    doc_loader(data, LoaderConfig(fim_rate=0.5)).load_state_dict(state)
+    with pytest.raises(DataError, match="saved weights="):
+        doc_loader(data, LoaderConfig(fim_rate=0.5, weight_fails=0.0)).load_state_dict(state)
 
 
 def delivered_in_epoch(art, loader_cfg, epoch=0, stop_at=None, went_slow=None, **kw):

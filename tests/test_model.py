@@ -137,15 +137,17 @@ def test_dense_baseline_has_no_ternary_layers():
 
 
 @pytest.mark.parametrize("quant", ["ternary", "none"])
-def test_packed_export_reloads_to_identical_logits(tmp_path, quant):
+def test_packed_export_reloads_to_identical_logits(tmp_path, quant, task_tokenizer):
     model = random_model(GPTShape(**{**SHAPE.__dict__, "quant": quant}))
     idx = torch.randint(0, 300, (2, 16))
-    sizes = export_packed(model, tmp_path / "fp32.safetensors", "ab" * 32, torch.float32)
-    loaded, tok_hash = load_packed(tmp_path / "fp32.safetensors")
-    assert tok_hash == "ab" * 32
+    sizes = export_packed(model, tmp_path / "fp32.safetensors", task_tokenizer, torch.float32)
+    packed = load_packed(tmp_path / "fp32.safetensors")
+    loaded = packed.model
+    assert packed.tokenizer.hash == packed.tokenizer_hash == task_tokenizer.hash and packed.stage == "pretrain"
+    assert packed.tokenizer.encode("fn f() {}") == task_tokenizer.encode("fn f() {}")
     assert torch.equal(loaded(idx), model(idx))  # exact: the same values through the same ops
     # bf16 embedding/head: identical to the model with those two matrices rounded to bf16
-    export_packed(model, tmp_path / "bf16.safetensors", "ab" * 32, torch.bfloat16)
+    export_packed(model, tmp_path / "bf16.safetensors", task_tokenizer, torch.bfloat16)
     rounded = copy.deepcopy(model)
     with torch.no_grad():
         for p in (rounded.embed.weight, rounded.lm_head.weight):
@@ -155,9 +157,9 @@ def test_packed_export_reloads_to_identical_logits(tmp_path, quant):
                 for m in block.modules():
                     if isinstance(m, torch.nn.Linear):
                         m.weight.copy_(m.weight.bfloat16().float())
-    assert torch.equal(load_packed(tmp_path / "bf16.safetensors")[0](idx), rounded(idx))
+    assert torch.equal(load_packed(tmp_path / "bf16.safetensors").model(idx), rounded(idx))
     if quant == "ternary":
-        assert sizes["packed_bytes"] < sizes["fp32_bytes"] / 3
+        assert sizes["packed_bytes"] - sizes["tokenizer_bytes"] < sizes["fp32_bytes"] / 3  # weights alone
 
 
 def test_seeded_sampling_is_reproducible():

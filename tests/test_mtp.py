@@ -190,8 +190,8 @@ def test_an_mtp_run_resumes_exactly_and_its_export_drafts(tmp_path, overrides, k
 
     model, tok = load_model_and_tokenizer(run)
     assert model.mtp is not None
-    export_packed(model, tmp_path / "m.safetensors", tok.hash)
-    packed, _ = load_packed(tmp_path / "m.safetensors")
+    export_packed(model, tmp_path / "m.safetensors", tok)
+    packed = load_packed(tmp_path / "m.safetensors").model
     prompt = tok.encode("fn main() {")
     plain = list(generate(packed, prompt, 16, temperature=0))
     assert list(generate(packed, prompt, 16, temperature=0, speculative=True)) == plain

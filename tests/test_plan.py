@@ -147,7 +147,8 @@ def optimizer_step_peak(opt) -> int:
 
 @pytest.mark.parametrize("eight_bit", [False, True])
 @pytest.mark.parametrize("count, rows, cols", [(12, 128, 128), (8, 512, 128), (6, 128, 512)])
-def test_newton_schulz_workspace_covers_a_whole_stack(count, rows, cols, eight_bit):
+def test_newton_schulz_workspace_covers_a_whole_stack(count, rows, cols, eight_bit, monkeypatch):
+    monkeypatch.setattr("ternchat.optim.muon.bf16_native", lambda device: True)  # the plan's (a GPU's) bf16 path
     params = [torch.nn.Parameter(torch.randn(rows, cols)) for _ in range(count)]
     opt = Muon(params, state_bits=8 if eight_bit else 32, block_size=2048)
     for _ in range(2):  # the second step is the steady state (the momentum exists)

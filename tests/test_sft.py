@@ -11,42 +11,8 @@ import torch
 from ternchat.data.chat import render_conversation
 from ternchat.runs import run_stage
 from ternchat.train.checkpoint import latest_checkpoint
-from ternchat.train.sft import IGNORE, conversation_batch, corpus_conversations, sft, task_conversation
+from ternchat.train.sft import IGNORE, conversation_batch, sft, task_conversation
 from ternchat.verify.tasks import generate_tasks
-
-SOURCE = '''
-/// Adds one.
-/// Twice documented.
-pub fn add_one(x: i64) -> i64 {
-    if x > 0 {
-        x + 1
-    } else {
-        x + 1
-    }
-}
-
-fn undocumented() {}
-
-impl Thing {
-    /// The size.
-    pub(crate) fn size(&self) -> usize {
-        self.items.len()
-    }
-}
-'''
-
-
-def test_corpus_conversations_take_documented_functions_whole():
-    convs = corpus_conversations([SOURCE], limit=10)
-    by_name = {c[0]["content"].split("fn ")[1].split("(")[0]: c for c in convs}
-    assert set(by_name) == {"add_one", "size"}
-    user, reply = by_name["add_one"][0]["content"], by_name["add_one"][1]["content"]
-    assert user == "/// Adds one.\n/// Twice documented.\npub fn add_one(x: i64) -> i64 {\n"
-    assert reply.endswith("    }\n}") and reply.count("x + 1") == 2  # the nested braces stay inside
-    assert by_name["size"][1]["content"] == "        self.items.len()\n    }"
-    assert corpus_conversations([SOURCE], limit=10, max_body_lines=2) == [by_name["size"]]
-    assert len(corpus_conversations([SOURCE], limit=1)) == 1
-
 
 def test_batches_train_on_the_replies_only(task_tokenizer):
     tok = task_tokenizer

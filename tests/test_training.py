@@ -213,3 +213,44 @@ def test_cli_export_and_sample(tmp_path, overrides):
     refused = subprocess.run([sys.executable, "-m", "ternchat", "sample", "--run", str(tmp_path / "run"), *prompt,
                               "--speculative"], env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "needs a model trained with multi-token prediction" in refused.stderr
+
+
+@pytest.mark.usefixtures("sandbox_ready")
+def test_a_packed_model_file_alone_samples_and_evaluates(tmp_path, overrides):
+    """The file carries its tokenizer: moved away from its run (and its tokenizer folder) it samples as
+    before; a file of the earlier kind, without one, needs the folder beside it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ternchat.verify.tasks import generate_tasks, problem_row
+
+    train(load_config(overrides=[*overrides, "train.max_steps=3"]), tmp_path / "run", log=lambda _: None)
+    common = [sys.executable, "-m", "ternchat"]
+    exported = subprocess.run([*common, "export", "--run", str(tmp_path / "run")], capture_output=True, text=True)
+    assert exported.returncode == 0, exported.stderr
+    alone = tmp_path / "elsewhere" / "model.safetensors"
+    alone.parent.mkdir()
+    shutil.move(tmp_path / "run" / "model_packed.safetensors", alone)
+    prompt = ["--prompt", "fn main() {", "--max-tokens", "12", "--seed", "3"]
+    beside = subprocess.run([*common, "sample", "--run", str(alone), *prompt], capture_output=True, text=True)
+    assert beside.returncode == 0, beside.stderr
+    assert beside.stdout.startswith("fn main() {") and not (alone.parent / "tokenizer").exists()
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(problem_row(t)) + "\n" for t in generate_tasks()[:2]))
+    scored = subprocess.run([*common, "eval", "humaneval-rust", "--run", str(alone), "--problems", str(tasks),
+                             "--max-tokens", "8", "--out", str(tmp_path / "eval")], capture_output=True, text=True)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert "by plain completion" in scored.stdout and "pass@1" in scored.stdout
+
+    with safe_open(str(alone), framework="pt") as f:  # the same model as a file of the earlier kind
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = {k: v for k, v in f.metadata().items() if k in ("format", "shape", "tokenizer_hash")}
+    earlier = tmp_path / "earlier" / "model.safetensors"
+    earlier.parent.mkdir()
+    save_file(tensors, str(earlier), metadata=meta)
+    lost = subprocess.run([*common, "sample", "--run", str(earlier), *prompt], capture_output=True, text=True)
+    assert lost.returncode != 0 and "tokenizer" in lost.stderr
+    shutil.copytree(tmp_path / "run" / "tokenizer", earlier.parent / "tokenizer")
+    old = subprocess.run([*common, "sample", "--run", str(earlier), *prompt], capture_output=True, text=True)
+    assert old.returncode == 0 and old.stdout == beside.stdout

@@ -18,6 +18,7 @@ from ternchat.data.errors import DataError
 from ternchat.data.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
+CHAT_FORMAT = "ternchat-roles-1"  # the rendering above; a packed model file records the one it was trained with
 
 
 def _check(messages: Sequence[dict]) -> None:

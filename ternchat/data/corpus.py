@@ -1,10 +1,18 @@
 """Build the Rust corpus: discover files, clean, deduplicate, split train/val by crate, write it.
 
 Output directory (written to a temporary name and renamed when complete):
-`train.jsonl`, `val.jsonl` (one document a line: crate, path, edition, text), `manifest.jsonl` (provenance
-of every kept file: crate, version, path, origin, sha256, bytes, license, split) and
-`summary.json` (counts, bytes, files dropped by reason, duplicates removed, val crates).
-The split is by crate *name*, so two versions of one crate never straddle train and val.
+`train.jsonl`, `val.jsonl` (one document a line: crate, path, edition, text, and `expect` where the source
+asserts its compile tag), `manifest.jsonl` (provenance of every kept file: crate, version, path, origin,
+sha256, bytes, license, split), `summary.json` (counts, bytes, files dropped by reason, duplicates
+removed, val crates) and, when some documents assert their tag (rustc's UI tests), `compile_tags.jsonl`
+with those tags (the others `unchecked` until `ternchat data verify`).
+
+The split is by crate *name*, so two versions of one crate, or its copies from two Debian releases,
+never straddle train and val. Rust's own sources (`rustc:` crates) are never in val. A corpus of every
+Debian crate (`data.debian_crates = "all"`) keeps the val crates that split chose for the whole of
+Debian 12 (`debian_val_crates.txt`), whichever releases it takes, so its val bpb stays comparable
+across corpora; any other corpus draws its val crates with `data.seed` until they hold
+`data.val_fraction` of the bytes that may be val.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import json
 import os
 from collections import Counter, defaultdict
 from functools import partial
+from importlib import resources
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -21,7 +30,9 @@ from typing import Iterable, Iterator
 from tqdm import tqdm
 
 from ternchat.config import DataConfig
+from ternchat.data import rustc_src
 from ternchat.data.clean import CleanRules, NearDuplicateIndex, check_file
+from ternchat.data.debian import parse_crate_list
 from ternchat.data.discover import SourceFile, scan_root
 from ternchat.data.errors import DataError
 from ternchat.paths import building
@@ -61,6 +72,25 @@ def split_crates(bytes_by_crate: dict[str, int], val_fraction: float, seed: int)
     return val
 
 
+def pinned_val_crates() -> set[str]:
+    """The val crates of the whole-Debian corpus (shipped with ternchat)."""
+    text = resources.files("ternchat.data").joinpath("debian_val_crates.txt").read_text(encoding="utf-8")
+    return set(parse_crate_list(text))
+
+
+def choose_val_crates(data: DataConfig, bytes_by_crate: dict[str, int]) -> set[str]:
+    """The val crates of a corpus (see the module docstring)."""
+    eligible = {c: n for c, n in bytes_by_crate.items() if not c.startswith(rustc_src.CRATE_PREFIX)}
+    if data.debian and data.debian_crates == "all":
+        pinned = pinned_val_crates() & eligible.keys()
+        if pinned:
+            return pinned
+    if len(eligible) < len(bytes_by_crate) and len(eligible) < 2:
+        raise DataError("Rust's own sources (--rustc-src) are never in val: add crates (--debian, --source DIR) "
+                        "for a train/val split")
+    return split_crates(eligible, data.val_fraction, data.seed)
+
+
 def version_key(version: str) -> tuple[tuple[int, ...], int]:
     """Semver order: numeric core, then a release above its pre-releases ("1.0.0-rc1" < "1.0.0")."""
     core, _, pre = version.partition("+")[0].partition("-")
@@ -73,7 +103,7 @@ def discover_files(roots: list[tuple[Path, str]]) -> list[SourceFile]:
     versions (`nom` 7 and `nom` 4) keeps its newest copy."""
     files: list[SourceFile] = []
     for root, origin in roots:
-        files += scan_root(root, origin)
+        files += rustc_src.scan(root, origin) if origin in rustc_src.ORIGINS else scan_root(root, origin)
     files.sort(key=lambda f: (f.path, f.origin))  # stable sorts: crate, then version descending, then these
     files.sort(key=lambda f: version_key(f.version), reverse=True)
     files.sort(key=lambda f: f.crate)
@@ -116,7 +146,7 @@ def build_corpus(data: DataConfig, files: list[SourceFile], roots: list[tuple[Pa
                 spool_f.write(json.dumps({"file": index, "sha256": res.sha256, "text": res.text}) + "\n")
         if not bytes_by_crate:
             raise DataError(f"all {len(files)} files were dropped by cleaning ({dict(dropped)})")
-        val_crates = split_crates(bytes_by_crate, data.val_fraction, data.seed)
+        val_crates = choose_val_crates(data, bytes_by_crate)
         summary = _write_corpus(_read_spool(spool, files), val_crates, tmp)
         spool.unlink()
         summary.update(files_found=len(files), crates=len(bytes_by_crate), dropped=dict(sorted(dropped.items())),
@@ -136,14 +166,20 @@ def _read_spool(spool: Path, files: list[SourceFile]) -> Iterator[tuple[SourceFi
 
 def _write_corpus(kept: Iterable[tuple[SourceFile, str, str]], val_crates: set[str], tmp: Path) -> dict:
     stats = {s: {"files": 0, "bytes": 0, "crates": set()} for s in SPLITS}
+    tag_rows, asserted = [], 0
     with open(tmp / "train.jsonl", "w", encoding="utf-8") as train_f, \
             open(tmp / "val.jsonl", "w", encoding="utf-8") as val_f, \
             open(tmp / "manifest.jsonl", "w", encoding="utf-8") as manifest_f:
         for src, text, sha in kept:
             split = "val" if src.crate in val_crates else "train"
             nbytes = len(text.encode("utf-8"))
-            (val_f if split == "val" else train_f).write(
-                json.dumps({"crate": src.crate, "path": src.path, "edition": src.edition, "text": text}) + "\n")
+            doc = {"crate": src.crate, "path": src.path, "edition": src.edition, "text": text}
+            if src.expect:
+                doc["expect"] = src.expect
+                asserted += 1
+            (val_f if split == "val" else train_f).write(json.dumps(doc) + "\n")
+            tag_rows.append(json.dumps({"split": split, "crate": src.crate, "path": src.path, "edition": src.edition,
+                                        "sha256": sha, "tag": src.expect or "unchecked", "codes": []}) + "\n")
             manifest_f.write(json.dumps({
                 "crate": src.crate, "version": src.version, "path": src.path, "origin": src.origin,
                 "source_path": src.abspath, "sha256": sha, "bytes": nbytes, "license": src.license, "edition": src.edition,
@@ -151,6 +187,8 @@ def _write_corpus(kept: Iterable[tuple[SourceFile, str, str]], val_crates: set[s
             stats[split]["files"] += 1
             stats[split]["bytes"] += nbytes
             stats[split]["crates"].add(src.crate)
+    if asserted:
+        (tmp / "compile_tags.jsonl").write_text("".join(tag_rows), encoding="utf-8")
     total_bytes = sum(stats[s]["bytes"] for s in SPLITS)
     return {
         "files_kept": sum(stats[s]["files"] for s in SPLITS),
@@ -175,10 +213,16 @@ def format_summary(summary: dict) -> str:
             f"{split['val']['bytes'] / 1e6:.1f} MB ({100 * summary['val_byte_fraction']:.1f}% of bytes)")
 
 
-def iter_documents(corpus_dir: Path, split: str) -> Iterator[str]:
-    """The texts of one split, in corpus order."""
+def iter_records(corpus_dir: Path, split: str) -> Iterator[dict]:
+    """The documents of one split (crate, path, edition, text, maybe expect), in corpus order."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     with open(Path(corpus_dir) / f"{split}.jsonl", encoding="utf-8") as f:
         for line in f:
-            yield json.loads(line)["text"]
+            yield json.loads(line)
+
+
+def iter_documents(corpus_dir: Path, split: str) -> Iterator[str]:
+    """The texts of one split, in corpus order."""
+    for record in iter_records(corpus_dir, split):
+        yield record["text"]

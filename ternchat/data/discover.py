@@ -32,6 +32,7 @@ class SourceFile:
     origin: str  # which root it came from, e.g. "debian-registry"
     path: str  # path inside the crate
     abspath: str
+    expect: str = ""  # the compile tag its source asserts ("compiles" or "fails"; rustc's UI tests), else ""
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,8 @@ def _read_manifest(cargo_toml: Path, fallback_name: str) -> _Crate:
     return _Crate(name, version, license, edition, cargo_toml.parent)
 
 
-def scan_root(root: Path, origin: str) -> list[SourceFile]:
-    """All `.rs` files under `root`, each with its crate."""
+def scan_root(root: Path, origin: str, crate_prefix: str = "") -> list[SourceFile]:
+    """All `.rs` files under `root`, each with its crate (named `crate_prefix` + name)."""
     root = Path(root).resolve()
     default = _Crate(root.name, "", "", "2021", root)
     crate_of: dict[Path, _Crate] = {}
@@ -84,7 +85,7 @@ def scan_root(root: Path, origin: str) -> list[SourceFile]:
         for name in sorted(filenames):
             if name.endswith(".rs"):
                 abspath = here / name
-                files.append(SourceFile(crate.name, crate.version, crate.license, crate.edition, origin,
+                files.append(SourceFile(crate_prefix + crate.name, crate.version, crate.license, crate.edition, origin,
                                         abspath.relative_to(crate.root).as_posix(), str(abspath)))
     return files
 

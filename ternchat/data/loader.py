@@ -228,7 +228,10 @@ class DocumentLoader(_BatchIterator):
     def load_state_dict(self, state: dict) -> None:
         if self.pool is not None:
             raise RuntimeError("load_state_dict() must come before the first batch")
-        for key, mine in self._signature().items():
+        signature = self._signature()
+        if "weights" in state:  # a checkpoint from before a compile tag existed weighted that tag 1
+            state = {**state, "weights": {**dict.fromkeys(signature["weights"], 1.0), **state["weights"]}}
+        for key, mine in signature.items():
             if state.get(key) != mine:
                 raise DataError(f"cannot resume the loader: saved {key}={state.get(key)!r} but this run has "
                                 f"{key}={mine!r} (different data, loader settings or number of ranks)")

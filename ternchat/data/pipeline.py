@@ -23,9 +23,11 @@ from tqdm import tqdm
 from ternchat.config import Config
 from ternchat.data import corpus as corpus_mod
 from ternchat.data import shards as shards_mod
-from ternchat.data.debian import RUST_SRC_PACKAGE, fetch_debian_crates, resolve_package_list
+from ternchat.data.debian import (RUST_SRC_PACKAGE, SYSTEM_APT, fetch_debian_crates, release_apt,
+                                  resolve_package_list, system_release)
 from ternchat.data.discover import local_rust_roots
 from ternchat.data.errors import DataError
+from ternchat.data.rustc_src import fetch_rustc_source
 from ternchat.data.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, evaluate
 from ternchat.paths import building, ternchat_home
 
@@ -59,8 +61,14 @@ def resolve_roots(cfg: Config, home: Path) -> list[tuple[Path, str]]:
     if data.auto_discover:
         roots += local_rust_roots()
     if data.debian:
-        packages = resolve_package_list(data.debian_crates)
-        roots += [(root, "debian") for root in fetch_debian_crates(packages, home / "debian", workers=data.workers)]
+        sources = [release_apt(r, home / "debian", data.debian_mirror) for r in data.debian_releases] or [SYSTEM_APT]
+        for apt in sources:
+            packages = resolve_package_list(data.debian_crates, apt)
+            found = fetch_debian_crates(packages, apt.cache_dir(home / "debian"), workers=data.workers, apt=apt)
+            roots += [(root, apt.origin) for root in found]
+    if data.rustc_src:
+        release = data.debian_releases[-1] if data.debian_releases else system_release()
+        roots += fetch_rustc_source(release_apt(release, home / "debian", data.debian_mirror), home / "rustc" / release)
     if data.rust_src:
         roots += [(root, "rust-src") for root in fetch_debian_crates([RUST_SRC_PACKAGE], home / "debian")]
     if data.hf_dataset:
@@ -76,6 +84,8 @@ def _corpus_key(cfg: Config, files: list) -> str:
     d = cfg.data
     settings = [d.min_file_bytes, d.max_file_bytes, d.max_line_chars, d.near_dup_threshold, d.minhash_perms,
                 d.val_fraction, d.seed, CORPUS_FORMAT]
+    if d.debian and d.debian_crates == "all":
+        settings.append("val crates pinned")  # corpus.choose_val_crates
     listing = hashlib.sha256()
     for f in files:
         st = os.stat(f.abspath)
@@ -163,12 +173,29 @@ def prepare_shards(cfg: Config, home: Path, corpus_dir: Path, corpus_key: str, t
     return out
 
 
+def _open_prepared(cfg: Config, until: str, log: Log) -> DataArtifacts:
+    """A prepared-data folder stands in for all three steps: it holds the tokenizer and shards, and
+    its compile tags where the corpus's are (`corpus_dir`); it has no corpus documents."""
+    from ternchat.data.prepared import describe, open_prepared
+
+    if until == "corpus":
+        raise DataError(f"data.prepared = {cfg.data.prepared} holds token shards, not the corpus's documents "
+                        "that this command reads; run it where the corpus was built, or unset data.prepared")
+    prepared = open_prepared(Path(cfg.data.prepared), cfg.tokenizer.vocab_size)
+    log(f"{describe(prepared.manifest)} (from {prepared.folder})")
+    return DataArtifacts(corpus_dir=prepared.folder, corpus_summary=prepared.manifest["corpus"],
+                         tokenizer_dir=prepared.tokenizer_dir, tokenizer=prepared.tokenizer,
+                         shard_dir=prepared.folder)
+
+
 def prepare_data(cfg: Config, until: str = "shards", force: bool = False, eval_tokenizer: bool = False,
                  log: Log = print) -> DataArtifacts:
     """Run the data steps up to and including `until`, skipping the ones whose inputs did not change
     (`force` rebuilds them all)."""
     if until not in STEPS:
         raise ValueError(f"step must be one of {STEPS}, got {until!r}")
+    if cfg.data.prepared:
+        return _open_prepared(cfg, until, log)
     home = ternchat_home()
     corpus_dir, summary, corpus_key = prepare_corpus(cfg, home, force, log)
     art = DataArtifacts(corpus_dir, summary)

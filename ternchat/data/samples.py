@@ -28,7 +28,7 @@ from ternchat.data.fim import FimTokens, fim_draw, fim_tokens
 from ternchat.data.shards import open_shard
 from ternchat.data.tokenizer import Tokenizer
 
-COMPILE_TAGS = ("compiles", "parses", "syntax_error", "unchecked")
+COMPILE_TAGS = ("compiles", "parses", "syntax_error", "fails", "unchecked")
 
 
 class DocumentIndex:

@@ -82,33 +82,47 @@ class Tokenizer:
         specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
         return cls(trainer.get_pattern(), ranks, specials)
 
+    def files(self) -> dict[str, str]:
+        """The tokenizer as the texts of its two files (what `save` writes)."""
+        lines = (base64.b64encode(t).decode() + f" {r}\n" for t, r in sorted(self.ranks.items(), key=lambda kv: kv[1]))
+        meta = {"pattern": self.pattern, "special_tokens": self.specials, "vocab_size": self.vocab_size,
+                "hash": self.hash}
+        return {BPE_FILE: "".join(lines), META_FILE: json.dumps(meta, indent=1)}
+
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        lines = (base64.b64encode(t) + b" %d\n" % r for t, r in sorted(self.ranks.items(), key=lambda kv: kv[1]))
-        (directory / BPE_FILE).write_bytes(b"".join(lines))
-        meta = {"pattern": self.pattern, "special_tokens": self.specials, "vocab_size": self.vocab_size,
-                "hash": self.hash}
-        (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+        for name, text in self.files().items():
+            (directory / name).write_text(text, encoding="ascii")
+
+    @classmethod
+    def from_files(cls, files: dict[str, str], where: str) -> "Tokenizer":
+        """The tokenizer whose two files' texts are `files`; `where` names their place in errors."""
+        try:
+            meta = json.loads(files[META_FILE])
+            ranks = {}
+            for line in files[BPE_FILE].splitlines():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+        except (ValueError, KeyError) as e:
+            raise DataError(f"cannot read the tokenizer in {where}: {e}. Rebuild it with "
+                            "`ternchat data tokenizer`.") from None
+        tok = cls(meta["pattern"], ranks, meta["special_tokens"])
+        if tok.hash != meta.get("hash"):
+            raise DataError(f"tokenizer in {where} is corrupt: its content hash {tok.hash[:16]} does not "
+                            f"match the recorded {str(meta.get('hash'))[:16]}. Rebuild it with "
+                            "`ternchat data tokenizer`.")
+        return tok
 
     @classmethod
     def load(cls, directory: Path) -> "Tokenizer":
         directory = Path(directory)
         try:
-            meta = json.loads((directory / META_FILE).read_text())
-            ranks = {}
-            for line in (directory / BPE_FILE).read_bytes().splitlines():
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-        except (OSError, ValueError, KeyError) as e:
+            files = {name: (directory / name).read_text(encoding="ascii") for name in (BPE_FILE, META_FILE)}
+        except (OSError, ValueError) as e:
             raise DataError(f"cannot read the tokenizer in {directory}: {e}. Rebuild it with "
                             "`ternchat data tokenizer`.") from None
-        tok = cls(meta["pattern"], ranks, meta["special_tokens"])
-        if tok.hash != meta.get("hash"):
-            raise DataError(f"tokenizer in {directory} is corrupt: its content hash {tok.hash[:16]} does not "
-                            f"match the recorded {str(meta.get('hash'))[:16]}. Rebuild it with "
-                            "`ternchat data tokenizer`.")
-        return tok
+        return cls.from_files(files, str(directory))
 
     # --- use --------------------------------------------------------------------------------
     @property

@@ -4,20 +4,26 @@ Every block matrix is stored as its ternary codes {-1, 0, +1}, shifted to {0, 1,
 base-3, five to a byte (3^5 = 243 <= 256), with its fp32 absmean scale beta. The token embedding
 and LM head are stored in bf16 (or fp32 with `float_dtype`), norm gains, mHC's coefficient maps and
 LoopLM's exit gate in fp32, all in one
-safetensors file whose metadata holds the model shape and tokenizer hash. Loading rebuilds the
-GPT with inference-form ternary layers whose weights are exactly the training forward's.
+safetensors file whose metadata holds the model shape, the tokenizer (its two files' texts and
+hash), the chat format and the training stage that made the model, so the file alone samples,
+chats, serves and evaluates on any machine. Loading rebuilds the GPT with inference-form ternary
+layers whose weights are exactly the training forward's. Files written before the tokenizer was
+embedded hold only its hash; they load with the `tokenizer/` folder beside them.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ternchat.data.chat import CHAT_FORMAT
+from ternchat.data.errors import DataError
+from ternchat.data.tokenizer import Tokenizer
 from ternchat.model.bitlinear import BitLinear, TernaryLinear, to_inference
 from ternchat.model.gpt import GPT, GPTShape
 
@@ -40,8 +46,10 @@ def unpack_trits(packed: torch.Tensor, count: int) -> torch.Tensor:
     return (digits.reshape(-1)[:count] - 1).to(torch.int8)
 
 
-def export_packed(model: GPT, path: Path, tokenizer_hash: str, float_dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Write `model` packed to `path`; return sizes in bytes."""
+def export_packed(model: GPT, path: Path, tokenizer: Tokenizer, float_dtype: torch.dtype = torch.bfloat16,
+                  stage: str = "pretrain") -> dict:
+    """Write `model` packed to `path` with `tokenizer` and the training `stage` that made it; return
+    sizes in bytes."""
     tensors: dict[str, torch.Tensor] = {}
     packed_weights = set()
     for name, module in model.named_modules():
@@ -59,21 +67,38 @@ def export_packed(model: GPT, path: Path, tokenizer_hash: str, float_dtype: torc
         if name in packed_weights:
             continue
         tensors[name] = p.detach().to(float_dtype if name in low_precision else torch.float32).contiguous()
-    metadata = {"format": FORMAT, "shape": json.dumps(asdict(model.shape)), "tokenizer_hash": tokenizer_hash}
+    metadata = {"format": FORMAT, "shape": json.dumps(asdict(model.shape)), "tokenizer_hash": tokenizer.hash,
+                "tokenizer": json.dumps(tokenizer.files()), "chat_format": CHAT_FORMAT, "stage": stage}
     save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
     n_params = model.parameter_counts()["total"]
     ternary = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.endswith((".codes", ".beta")))
     return {"packed_bytes": Path(path).stat().st_size, "ternary_bytes": ternary,
             "other_bytes": sum(t.numel() * t.element_size() for t in tensors.values()) - ternary,
+            "tokenizer_bytes": len(metadata["tokenizer"]),
             "fp32_bytes": 4 * n_params, "bf16_bytes": 2 * n_params}
 
 
-def load_packed(path: Path) -> tuple[GPT, str]:
-    """The inference model stored at `path`, and the hash of the tokenizer it needs."""
+@dataclass
+class PackedModel:
+    model: GPT
+    tokenizer_hash: str
+    tokenizer: Tokenizer | None  # None in files written before the tokenizer was embedded
+    stage: str
+
+
+def load_packed(path: Path) -> PackedModel:
+    """The inference model stored at `path`, with its tokenizer and training stage."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a ternchat packed model (format {meta.get('format')!r})")
+            raise DataError(f"{path} is not a ternchat packed model (format {meta.get('format')!r})")
+        if meta.get("chat_format", CHAT_FORMAT) != CHAT_FORMAT:
+            raise DataError(f"{path} renders conversations as {meta['chat_format']!r}; this ternchat knows "
+                            f"{CHAT_FORMAT!r}. Use the ternchat version that exported it.")
+        tokenizer = Tokenizer.from_files(json.loads(meta["tokenizer"]), str(path)) if "tokenizer" in meta else None
+        if tokenizer is not None and tokenizer.hash != meta["tokenizer_hash"]:
+            raise DataError(f"{path}: its tokenizer's hash {tokenizer.hash[:12]} is not the recorded "
+                            f"{meta['tokenizer_hash'][:12]}")
         shape = GPTShape(**json.loads(meta["shape"])).for_inference()
         model = GPT(shape)
         if shape.quant == "ternary":
@@ -90,4 +115,4 @@ def load_packed(path: Path) -> tuple[GPT, str]:
         if shape.tie_embeddings:  # one stored matrix, two names in the model
             state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state)
-    return model.eval(), meta["tokenizer_hash"]
+    return PackedModel(model.eval(), meta["tokenizer_hash"], tokenizer, meta.get("stage", "pretrain"))

@@ -25,6 +25,18 @@ import torch.nn.functional as F
 from ternchat.model.fp4 import Quantizer
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices natively: a CUDA GPU that supports bf16, or a CPU with
+    oneDNN's bf16 path (AVX512-BF16 or AMX). Elsewhere (many AMD CPUs, older Intel ones) a bf16 product
+    is emulated, several times slower than the same product in fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class RowFilter:
     """The rows whose gradients flow in the next backward pass, shared by all the linears of a model:
     `kept` holds flat row indices into the `total` (batch x time) rows, or None for all rows."""

@@ -17,6 +17,7 @@ from collections import defaultdict
 
 import torch
 
+from ternchat.model.linear import bf16_native
 from ternchat.optim.quant8 import StateCodec
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -30,9 +31,10 @@ def stack_size(rows: int, cols: int) -> int:
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """Approximate polar factor of a matrix, or of each matrix in a (batch, m, n) stack, in bfloat16
-    as in the reference code."""
+    as in the reference code where the device multiplies bf16 natively, else in fp32 (emulated bf16
+    products are several times slower than fp32 ones, and Newton-Schulz is all products)."""
     a, b, c = NS_COEFFS
-    x = g.bfloat16()
+    x = g.bfloat16() if bf16_native(g.device) else g.float()
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:
         x = x.mT

@@ -11,7 +11,6 @@ model shape and refuses anything else with a clear error.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 from dataclasses import MISSING, asdict, fields
@@ -22,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ternchat.paths import building
+from ternchat.paths import building, file_sha256
 from ternchat.train.distributed import load_full_model_state
 from ternchat.train.errors import RunError
 
@@ -31,14 +30,6 @@ CHECKSUMS = "checksums.json"
 
 class CheckpointError(RunError):
     """A checkpoint that must not be used: incomplete, corrupt or from a different model."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -94,7 +85,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
         sums = {}
         for name in ("model.safetensors", "optimizer.pt", "trainer.json"):
             _fsync(tmp / name)
-            sums[name] = _sha256(tmp / name)
+            sums[name] = file_sha256(tmp / name)
         (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
         _fsync(tmp / CHECKSUMS)
     _fsync(out.parent)
@@ -116,7 +107,7 @@ def verify_checkpoint(path: Path) -> None:
     for name, expected in sums.items():
         if not (path / name).exists():
             raise CheckpointError(f"checkpoint {path} is missing {name}")
-        if _sha256(path / name) != expected:
+        if file_sha256(path / name) != expected:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its checksum. "
                                   "Delete this checkpoint folder to resume from the one before it.")
 

@@ -4,8 +4,9 @@ The data is conversations in the chat format (data/chat.py). The user gives a Ru
 comment and signature; the assistant writes its body and closing brace. There are two sources:
 - the training tasks (verify/tasks.py, sandbox-verified, never the evaluation problems), each
   repeated `sft.task_copies` times per epoch since they are few;
-- functions mined from the pretraining corpus's train split: a `///` documented `fn` whose body
-  closes at its own indentation, with a body of 1 to 40 lines.
+- conversations mined from the pretraining corpus's train split (verify/function_data.py): documented
+  functions (doc and signature in, body out) and their doc-test examples, none resembling an
+  evaluation problem; the miner's `functions.jsonl` when `ternchat data functions` wrote one.
 
 The loss is the cross-entropy of the assistant's tokens only (the mask of `render_conversation`),
 averaged over those tokens in the batch. Conversations are padded to the longest in the batch and cut
@@ -22,53 +23,30 @@ metrics.jsonl, the tokenizer, and config.toml whose `trainer.json` says `stage =
 from __future__ import annotations
 
 import random
-import re
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from ternchat.data.chat import render_conversation
-from ternchat.data.corpus import iter_documents
 from ternchat.data.errors import DataError
 from ternchat.model.gpt import GPT
 from ternchat.train.errors import RunError
 from ternchat.train.stage import start_stage, step_items
 from ternchat.train.trainer import autocast_for
+from ternchat.verify.function_data import corpus_conversations
 from ternchat.verify.humaneval import Problem
 
 IGNORE = -100  # F.cross_entropy's ignore_index
-_DOCUMENTED_FN = re.compile(r"^(?P<doc>(?:(?P<indent>[ \t]*)///[^\n]*\n)+)(?P=indent)(?P<sig>(?:pub(?:\([^)]*\))? )?"
-                            r"(?:const |async |unsafe )*fn [^\n]*\{)[ \t]*\n", re.M)
 
 
 def task_conversation(problem: Problem, reply: str | None = None) -> list[dict]:
     """A task as a conversation: its prompt (doc comment and signature) in, the body and `}` out."""
     body = problem.reference if reply is None else reply
     return [{"role": "user", "content": problem.prompt}, {"role": "assistant", "content": body.rstrip() + "\n}"}]
-
-
-def corpus_conversations(texts: Iterable[str], limit: int, seed: int = 0, max_body_lines: int = 40
-                         ) -> list[list[dict]]:
-    """Documented functions from source files as conversations (doc and signature in, body out): a seeded
-    sample of `limit` of them, drawn across all the files."""
-    found = []
-    for text in texts:
-        for m in _DOCUMENTED_FN.finditer(text):
-            indent = m.group("indent")
-            closing = re.compile(rf"^{re.escape(indent)}\}}[ \t]*$", re.M).search(text, m.end())
-            if closing is None:
-                continue
-            body = text[m.end():closing.start()].rstrip()
-            lines = body.count("\n") + 1
-            if not body.strip() or lines > max_body_lines:
-                continue
-            found.append([{"role": "user", "content": m.group("doc") + indent + m.group("sig") + "\n"},
-                          {"role": "assistant", "content": body + "\n" + indent + "}"}])
-    return random.Random(seed).sample(found, min(limit, len(found)))
 
 
 def conversation_batch(items: Sequence[tuple[list[int], list[int]]], seq_len: int,
@@ -107,14 +85,13 @@ def sft(parent: Path, out: Path, tasks: Sequence[Problem], corpus_dir: Path | No
     cfg, model, tok, optimizer, device = stage.cfg, stage.model, stage.tok, stage.optimizer, stage.device
     s = cfg.sft
     conversations = [task_conversation(p) for p in tasks for _ in range(s.task_copies)]
-    mined = (corpus_conversations(iter_documents(corpus_dir, "train"), s.corpus_conversations, s.seed)
-             if corpus_dir else [])
+    mined = corpus_conversations(corpus_dir, s.corpus_conversations, s.seed) if corpus_dir else []
     train_set, val_set = split_conversations(conversations + mined, s.val_fraction, s.seed)
     if not train_set:
         raise DataError("no SFT conversations: give training tasks or a corpus with documented functions")
     train_items = [render_conversation(c, tok) for c in train_set]
     val_items = [render_conversation(c, tok) for c in val_set]
-    log(f"SFT data: {len(tasks)} tasks x {s.task_copies} + {len(mined)} corpus functions -> {len(train_items)} "
+    log(f"SFT data: {len(tasks)} tasks x {s.task_copies} + {len(mined)} from the corpus -> {len(train_items)} "
         f"training and {len(val_items)} held-out conversations")
     pad = tok.special("<|assistant_end|>")
     autocast = autocast_for(cfg.train.dtype, device)

@@ -38,6 +38,7 @@ from ternchat.data.tokenizer import Tokenizer
 from ternchat.eval.bpb import evaluate_bpb
 from ternchat.eval.engine import complete
 from ternchat.model.bitlinear import set_training_gemm, to_inference
+from ternchat.model.linear import bf16_native
 from ternchat.model.gpt import GPT, GPTShape
 from ternchat.optim.factory import CombinedOptimizer, build_optimizer
 from ternchat.train.errors import RunError
@@ -62,17 +63,8 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def autocast_for(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and bf16_supported(device))
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and bf16_native(device))
     if use_bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -3,10 +3,12 @@
 Each file is checked with its crate's edition (Cargo's default, 2015, where `Cargo.toml` names
 none). Tags: `compiles` (type-checks alone as a library crate, `--emit=metadata`), `parses` (a
 valid parse, but it needs its crate: modules, `crate::` paths, dependencies), `syntax_error` (does
-not parse), or `unchecked` (timeout or sandbox failure). Results are kept in
-`$TERNCHAT_HOME/verify/tags.jsonl` keyed by SHA-256 of the text and the edition, so a file is
-checked once whatever corpus it is in; the tags of a corpus are written beside it as
-`compile_tags.jsonl` (crate, path, edition, sha256, tag, codes) for training to filter or weight by.
+not parse), or `unchecked` (timeout or sandbox failure). A document whose source asserts its
+outcome (rustc's UI tests: `compiles` or `fails`, see data/rustc_src.py) keeps that tag and is not
+checked. Results are kept in `$TERNCHAT_HOME/verify/tags.jsonl` keyed by SHA-256 of the text and
+the edition, so a file is checked once whatever corpus it is in; the tags of a corpus are written
+beside it as `compile_tags.jsonl` (crate, path, edition, sha256, tag, codes) for training to filter
+or weight by.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from tqdm import tqdm
 
 from ternchat.verify.sandbox import Limits, check_metadata, check_parse
 
-TAGS = ("compiles", "parses", "syntax_error", "unchecked")
+TAGS = ("compiles", "parses", "syntax_error", "fails", "unchecked")
 
 
 def tag_source(source: str, edition: str = "2021", limits: Limits = Limits()) -> dict:
@@ -64,8 +66,8 @@ def verify_corpus(corpus_dir: Path, cache_dir: Path, limit: int = 0, workers: in
                     break
                 doc = json.loads(line)
                 key = (hashlib.sha256(doc["text"].encode("utf-8")).hexdigest(), doc.get("edition", "2021"))
-                docs.append((split, doc["crate"], doc["path"], doc["text"], key))
-    todo = sorted({(key, text) for _, _, _, text, key in docs if key not in cache})
+                docs.append((split, doc["crate"], doc["path"], doc["text"], key, doc.get("expect")))
+    todo = sorted({(key, text) for _, _, _, text, key, expect in docs if key not in cache and not expect})
     with ThreadPoolExecutor(max_workers=workers) as pool, open(cache_path, "a", encoding="utf-8") as out:
         results = pool.map(lambda item: tag_source(item[1], item[0][1], limits), todo)
         for ((sha, edition), _), result in tqdm(zip(todo, results), total=len(todo), desc="rustc check", unit="file"):
@@ -74,8 +76,8 @@ def verify_corpus(corpus_dir: Path, cache_dir: Path, limit: int = 0, workers: in
     counts = {tag: 0 for tag in TAGS}
     tag_bytes = {tag: 0 for tag in TAGS}
     with open(corpus_dir / "compile_tags.jsonl", "w", encoding="utf-8") as f:
-        for split, crate, path, text, (sha, edition) in docs:
-            result = cache[(sha, edition)]
+        for split, crate, path, text, (sha, edition), expect in docs:
+            result = {"tag": expect, "codes": []} if expect else cache[(sha, edition)]
             counts[result["tag"]] += 1
             tag_bytes[result["tag"]] += len(text.encode("utf-8"))
             f.write(json.dumps({"split": split, "crate": crate, "path": path, "edition": edition, "sha256": sha,

@@ -208,16 +208,19 @@ def _trigrams(text: str) -> set[tuple[str, ...]]:
     return {tuple(words[i:i + 3]) for i in range(len(words) - 2)}
 
 
+def _jaccard(x: set, y: set) -> float:
+    return len(x & y) / len(x | y) if x and y else 0.0
+
+
 def similarity(a: str, b: str) -> float:
     """Jaccard similarity of two descriptions' word trigrams."""
-    x, y = _trigrams(a), _trigrams(b)
-    return len(x & y) / len(x | y) if x and y else 0.0
+    return _jaccard(_trigrams(a), _trigrams(b))
 
 
 def duplicates_of_evaluation(tasks: Iterable[Problem], evaluation: Sequence[Problem]) -> dict[str, str]:
     """Why each task that resembles an evaluation problem must go: {task name: reason}."""
     names = [(_name_words(p), p.name) for p in evaluation]
-    texts = [(_description(p), p.name) for p in evaluation]
+    texts = [(_trigrams(_description(p)), p.name) for p in evaluation]  # once: callers check many thousands
     reasons = {}
     for task in tasks:
         mine = _name_words(task)
@@ -226,8 +229,8 @@ def duplicates_of_evaluation(tasks: Iterable[Problem], evaluation: Sequence[Prob
         if clash is not None:
             reasons[task.name] = f"its name resembles {clash}'s"
             continue
-        text = _description(task)
-        best, name = max(((similarity(text, t), n) for t, n in texts), default=(0.0, ""))
+        grams = _trigrams(_description(task))
+        best, name = max(((_jaccard(grams, t), n) for t, n in texts), default=(0.0, ""))
         if best >= MAX_SIMILARITY:
             reasons[task.name] = f"its description is {best:.2f} similar to {name}'s"
     return reasons
