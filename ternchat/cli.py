@@ -244,11 +244,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ternchat.eval.serve import Limits, serve
+    from ternchat.runs import load_model_and_tokenizer, run_stage
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"serve: listening on {args.host}: anyone who can reach this address can use the model", file=sys.stderr)
-    serve(args.run, args.host, args.port, args.chat, Limits(args.max_tokens_limit, args.max_body_bytes), args.kernel,
-          args.compile)
+    model, tok = load_model_and_tokenizer(args.run)
+    chat = args.chat if args.chat is not None else run_stage(args.run) != "pretrain"
+    name = args.run.name if args.run.is_dir() else args.run.stem
+    serve(model, tok, name, chat, args.host, args.port, Limits(args.max_tokens_limit, args.max_body_bytes),
+          args.kernel, args.compile)
     return 0
 
 

@@ -5,26 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from ternchat.data.errors import DataError
 from ternchat.data.tokenizer import Tokenizer
 from ternchat.export.packed import load_packed
 from ternchat.model.bitlinear import to_inference
-from ternchat.model.gpt import GPT, GPTShape
-from ternchat.train.checkpoint import latest_checkpoint, verify_checkpoint
+from ternchat.model.gpt import GPT
+from ternchat.train.checkpoint import latest_checkpoint, load_run_checkpoint
 
 
 def load_run_model(run_dir: Path, latent: bool = False) -> GPT:
     """The latest checkpoint's model in inference form (ternary layers with fixed codes), or with
     `latent` as trained (BitLinears holding their full-precision latent weights)."""
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise DataError(f"{run_dir} has no checkpoint; train first (ternchat train) or pass a packed model file")
-    verify_checkpoint(checkpoint)
-    shape = GPTShape(**json.loads((checkpoint / "trainer.json").read_text())["model_shape"]).for_inference()
-    model = GPT(shape)
-    model.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    model, _ = load_run_checkpoint(run_dir, for_inference=True)
     return (model if latent else to_inference(model)).eval()
 
 

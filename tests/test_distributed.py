@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ternchat.train.checkpoint import latest_checkpoint
-from ternchat.train.distributed import balanced_owners
+from ternchat.optim.distributed import balanced_owners
 
 WORKER = Path(__file__).parent / "dist_worker.py"
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

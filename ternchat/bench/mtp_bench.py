@@ -11,9 +11,6 @@ same for sampling (temperature 0.8), which must only match in distribution.
 
 from __future__ import annotations
 
-import time
-from typing import Sequence
-
 from ternchat.bench.runs import measure_in_subprocess, variants_table_head
 from ternchat.train.report import machine
 
@@ -23,31 +20,6 @@ VARIANTS: dict[str, list[str]] = {
                                                    "mtp.weights=[1.0, 0.5, 0.25, 0.125]"],
     "modules, depth 1, lambda 0.3": ['mtp.kind="modules"', "mtp.n_future=1", "mtp.module_weight=0.3"],
 }
-
-
-def measure_decoding(model, prompts: Sequence[Sequence[int]], max_tokens: int) -> dict:
-    """Plain against speculative decoding of `prompts` with `model` (which has MTP)."""
-    from ternchat.eval.engine import SpeculationStats, generate
-
-    def timed(speculative: bool, temperature: float, stats: SpeculationStats | None = None):
-        outputs, start = [], time.perf_counter()
-        for seed, prompt in enumerate(prompts):
-            outputs.append(list(generate(model, prompt, max_tokens, temperature=temperature, seed=seed,
-                                         speculative=speculative, stats=stats)))
-        seconds = time.perf_counter() - start
-        return outputs, sum(map(len, outputs)) / seconds
-
-    result = {}
-    for name, temperature in (("greedy", 0.0), ("sampling", 0.8)):
-        timed(False, temperature)  # warm-up: first-call allocations out of the timing
-        plain, plain_tok_s = timed(False, temperature)
-        stats = SpeculationStats()
-        spec, spec_tok_s = timed(True, temperature, stats)
-        result[name] = {"plain_tok_s": plain_tok_s, "speculative_tok_s": spec_tok_s,
-                        "speedup": spec_tok_s / plain_tok_s, "acceptance_by_depth": stats.acceptance(),
-                        "tokens_per_step": stats.tokens / max(stats.steps, 1), "tokens": stats.tokens,
-                        "identical": plain == spec}
-    return result
 
 
 def bench_mtp(config: str | None, overrides: list[str], steps: int, decode_tokens: int, log=print) -> dict:

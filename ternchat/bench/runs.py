@@ -15,7 +15,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -27,7 +29,7 @@ BENCH_OVERRIDES = ["train.time_limit_min=0", "eval.every_steps=0", "eval.rust_pr
 
 def measure(config: str | None, overrides: list[str], steps: int, decode_tokens: int = 0, probe: str = "") -> dict:
     """Train `steps` steps in this process; return what was measured (with `decode_tokens`, also plain
-    against speculative decoding of the sample prompts by the trained model, bench/mtp_bench.py; with
+    against speculative decoding of the sample prompts by the trained model, `measure_decoding`; with
     `probe`, 'module:function', what that function measures on the trained `Trainer`)."""
     from ternchat.train.trainer import SAMPLE_PROMPTS, Trainer
 
@@ -38,8 +40,6 @@ def measure(config: str | None, overrides: list[str], steps: int, decode_tokens:
         result = trainer.run()
         losses = [(r["step"], r["loss"]) for r in trainer.metrics.read() if isinstance(r.get("loss"), float)]
         if decode_tokens:
-            from ternchat.bench.mtp_bench import measure_decoding
-
             prompts = [trainer.tok.encode(p) for p in SAMPLE_PROMPTS]
             decoding = measure_decoding(trainer.inference_model(), prompts, decode_tokens)
         probed = _resolve(probe)(trainer) if probe else None
@@ -53,6 +53,31 @@ def measure(config: str | None, overrides: list[str], steps: int, decode_tokens:
             "state_bytes_per_param": trainer.optimizer.state_bytes() / all_params, "losses": losses,
             "params": all_params, **({"decoding": decoding} if decoding else {}),
             **({"probe": probed} if probed is not None else {})}
+
+
+def measure_decoding(model, prompts: Sequence[Sequence[int]], max_tokens: int) -> dict:
+    """Plain against speculative decoding of `prompts` with `model` (which has MTP)."""
+    from ternchat.eval.engine import SpeculationStats, generate
+
+    def timed(speculative: bool, temperature: float, stats: SpeculationStats | None = None):
+        outputs, start = [], time.perf_counter()
+        for seed, prompt in enumerate(prompts):
+            outputs.append(list(generate(model, prompt, max_tokens, temperature=temperature, seed=seed,
+                                         speculative=speculative, stats=stats)))
+        seconds = time.perf_counter() - start
+        return outputs, sum(map(len, outputs)) / seconds
+
+    result = {}
+    for name, temperature in (("greedy", 0.0), ("sampling", 0.8)):
+        timed(False, temperature)  # warm-up: first-call allocations out of the timing
+        plain, plain_tok_s = timed(False, temperature)
+        stats = SpeculationStats()
+        spec, spec_tok_s = timed(True, temperature, stats)
+        result[name] = {"plain_tok_s": plain_tok_s, "speculative_tok_s": spec_tok_s,
+                        "speedup": spec_tok_s / plain_tok_s, "acceptance_by_depth": stats.acceptance(),
+                        "tokens_per_step": stats.tokens / max(stats.steps, 1), "tokens": stats.tokens,
+                        "identical": plain == spec}
+    return result
 
 
 def variants_table_head(report: dict, columns: list[str]) -> list[str]:

@@ -291,16 +291,11 @@ async def _closing(events: Iterator[str], pieces: Iterator[str]):
         pieces.close()
 
 
-def serve(run: Path, host: str, port: int, chat_format: bool | None, limits: Limits, kernel: str = "auto",
-          compile: bool = False) -> None:
-    """Load the run and serve it until interrupted."""
+def serve(model: GPT, tok: Tokenizer, name: str, chat: bool, host: str, port: int, limits: Limits,
+          kernel: str = "auto", compile: bool = False) -> None:
+    """Serve a loaded model until interrupted."""
     import uvicorn
 
-    from ternchat.runs import load_model_and_tokenizer, run_stage
-
-    model, tok = load_model_and_tokenizer(run)
-    chat = chat_format if chat_format is not None else run_stage(run) != "pretrain"
-    name = Path(run).name if Path(run).is_dir() else Path(run).stem
     app = create_app(Generator(model, tok, chat, name, limits, prepare_decoding(model, kernel, compile)))
     print(f"serving {name} ({'chat format' if chat else 'completion: a pretrained run'}) on http://{host}:{port}/ "
           f"(OpenAI API at http://{host}:{port}/v1)", flush=True)

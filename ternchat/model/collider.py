@@ -15,7 +15,6 @@ filtered tokens' keys and values, as in the paper.
 
 from __future__ import annotations
 
-from pathlib import Path
 import torch
 import torch.nn.functional as F
 
@@ -31,20 +30,19 @@ class Collider:
         self.filter_frac = filter_frac
         self.reference_run = reference_run
         self.rows = RowFilter()
-        self._reference: torch.nn.Module | None = None
+        self.reference: torch.nn.Module | None = None  # `reference_run`'s model: the training side loads it
         self.last_full_loss: torch.Tensor | None = None  # detached, for metrics: no device sync per step
 
     def kept_count(self, total: int) -> int:
         return max(1, total - int(round(self.filter_frac * total)))
 
     def reference_loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Each token's loss under the reference model (loaded once, frozen, on idx's device)."""
-        if self._reference is None:
-            from ternchat.runs import load_run_model  # runs imports the GPT, which imports this module
-
-            self._reference = load_run_model(Path(self.reference_run)).to(idx.device).requires_grad_(False)
+        """Each token's loss under the reference model (frozen, on idx's device)."""
+        if self.reference is None:
+            raise RuntimeError(f"Collider scores by the excess loss over {self.reference_run}, but no reference model "
+                               "was handed to it (training loads it: train/trainer.py, build_training)")
         with torch.no_grad():
-            logits = self._reference(idx).float()
+            logits = self.reference(idx).float()
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
 
     def loss(self, per_token: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

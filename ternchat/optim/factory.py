@@ -21,7 +21,7 @@ from ternchat.config import ConfigError, OptimConfig
 from ternchat.optim.foam import FOAM
 from ternchat.optim.galore import GUM, GaLoreAdamW
 from ternchat.optim.muon import Muon
-from ternchat.train.distributed import OwnedMatrices, Ranks, full_state, is_sharded, shard_state
+from ternchat.optim.distributed import OwnedMatrices, Ranks, full_state, is_sharded, shard_state
 
 
 class CombinedOptimizer:

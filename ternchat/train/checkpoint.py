@@ -21,6 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ternchat.data.errors import DataError
+from ternchat.model.gpt import GPT, GPTShape
 from ternchat.paths import building, file_sha256
 from ternchat.train.distributed import load_full_model_state
 from ternchat.train.errors import RunError
@@ -110,6 +112,22 @@ def verify_checkpoint(path: Path) -> None:
         if file_sha256(path / name) != expected:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its checksum. "
                                   "Delete this checkpoint folder to resume from the one before it.")
+
+
+def load_run_checkpoint(run_dir: Path, for_inference: bool = False) -> tuple[GPT, dict]:
+    """The latest checkpoint of `run_dir`, verified, as a GPT with its latent weights (BitLinears holding
+    their full-precision weights), and its trainer state. `for_inference` builds the model without the
+    parts that only training uses (the FP4/FP8 recipe, Collider)."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise DataError(f"{run_dir} has no checkpoint to start from; train it first (ternchat train), or pass a "
+                        "packed model file where one is accepted")
+    verify_checkpoint(checkpoint)
+    state = json.loads((checkpoint / "trainer.json").read_text())
+    shape = GPTShape(**state["model_shape"])
+    model = GPT(shape.for_inference() if for_inference else shape)
+    model.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    return model, state
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, shape) -> dict:

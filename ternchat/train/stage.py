@@ -10,7 +10,6 @@ dropped, since the run repeats them.
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from dataclasses import dataclass
@@ -18,14 +17,12 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file
 
 from ternchat.config import Config, load_config
-from ternchat.data.errors import DataError
 from ternchat.data.tokenizer import Tokenizer
-from ternchat.model.gpt import GPT, GPTShape
+from ternchat.model.gpt import GPT
 from ternchat.optim.factory import CombinedOptimizer, build_optimizer
-from ternchat.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
+from ternchat.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_checkpoint, save_checkpoint
 from ternchat.train.distributed import Ranks
 from ternchat.train.errors import RunError
 from ternchat.train.fire import apply_fire
@@ -44,14 +41,8 @@ def step_items(items: Sequence, per_step: int, step: int, seed: int) -> list:
 
 def load_pretrained(run_dir: Path) -> tuple[Config, GPT, Tokenizer, dict]:
     """A run's config, latent model (BitLinears with their full-precision weights), tokenizer and trainer state."""
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise DataError(f"{run_dir} has no checkpoint to start from; train it first")
-    verify_checkpoint(checkpoint)
-    state = json.loads((checkpoint / "trainer.json").read_text())
+    model, state = load_run_checkpoint(run_dir)
     cfg = load_config(run_dir / "config.toml") if (run_dir / "config.toml").exists() else load_config()
-    model = GPT(GPTShape(**state["model_shape"]))
-    model.load_state_dict(load_file(checkpoint / "model.safetensors"))
     return cfg, model, Tokenizer.load(run_dir / "tokenizer"), state
 
 

@@ -43,7 +43,7 @@ from ternchat.model.gpt import GPT, GPTShape
 from ternchat.optim.factory import CombinedOptimizer, build_optimizer
 from ternchat.train.errors import RunError
 from ternchat.train.activation_checkpointing import apply_activation_checkpointing
-from ternchat.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ternchat.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_checkpoint, save_checkpoint
 from ternchat.train.distributed import (Ranks, barrier, full_model_state, gather_objects, gradients_complete,
                                         init_distributed, is_sharded, launched_ranks, mean_across_ranks,
                                         micro_batch_done, model_home, parallelize, shutdown_distributed)
@@ -113,6 +113,9 @@ def build_training(cfg: Config, shape: GPTShape, ranks: Ranks, device: torch.dev
     recompute as configured) and the optimizer, as a training run of `cfg` uses them."""
     torch.manual_seed(cfg.train.seed)
     model = set_training_gemm(GPT(shape).to(model_home(cfg.dist, device)), cfg.model.ternary_gemm)
+    if model.collider is not None and model.collider.reference_run:  # Rho-1's reference model, frozen
+        reference, _ = load_run_checkpoint(Path(model.collider.reference_run), for_inference=True)
+        model.collider.reference = to_inference(reference).eval().to(device).requires_grad_(False)
     apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     parallel_model = parallelize(model, cfg.dist, ranks, device)
     return model, parallel_model, build_optimizer(model, cfg.optim, ranks)
