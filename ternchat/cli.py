@@ -7,15 +7,13 @@ failure of the work itself (missing tools, corrupt data), each with one clear me
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from ternchat import __version__
-from ternchat.config import SECTIONS, Config, ConfigError, describe, load_config, parse_bytes
+from ternchat.config import SECTIONS, Config, ConfigError, describe, load_config
 from ternchat.data.errors import DataError
 from ternchat.train.errors import RunError
 from ternchat.verify.inputs import InputError
@@ -75,65 +73,26 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     cfg = _config(args, _data_overrides(args))
     if args.step == "verify":
-        from ternchat.paths import ternchat_home
-        from ternchat.verify.checked_data import TAGS, verify_corpus
-        from ternchat.verify.sandbox import Limits, checked_isolation
+        from ternchat.verify.checked_data import verify_configured_corpus
 
-        limits = Limits(allow_unisolated=args.allow_unisolated or cfg.eval.allow_unisolated)
-        checked_isolation(limits)
-        art = prepare_data(cfg, until="corpus", force=args.force)
-        start = time.perf_counter()
-        counts = verify_corpus(art.corpus_dir, ternchat_home() / "verify", args.limit, cfg.data.workers,
-                               limits=limits)
-        total = sum(counts["bytes"].values()) or 1
-        print(f"compile tags of {counts['files']} files ({counts['checked_now']} checked now in "
-              f"{time.perf_counter() - start:.0f} s): "
-              + ", ".join(f"{tag} {counts[tag]} ({100 * counts['bytes'][tag] / total:.1f}% of bytes)"
-                          for tag in TAGS)
-              + f" -> {art.corpus_dir / 'compile_tags.jsonl'}")
+        verify_configured_corpus(cfg, args.limit, args.force, args.allow_unisolated)
         return 0
     if args.step == "functions":
-        return _mine_functions(args, cfg)
+        from ternchat.verify.function_data import mine_configured_corpus
+
+        mine_configured_corpus(cfg, args.against, args.check, args.force, args.allow_unisolated)
+        return 0
     if args.export and args.step != "shards":
         raise DataError("--export writes the tokenizer and shards: run it with the shards step (the default)")
     art = prepare_data(cfg, until=args.step, force=args.force, eval_tokenizer=args.eval)
     if args.export:
-        from ternchat.data.prepared import describe, export_prepared, folder_size
+        from ternchat.data.prepared import export_artifacts
 
-        manifest = export_prepared(Path(args.export), corpus_dir=art.corpus_dir, corpus_summary=art.corpus_summary,
-                                   tokenizer=art.tokenizer, shard_dir=art.shard_dir,
-                                   max_train_tokens=args.max_train_tokens)
-        print(f"{describe(manifest)}\nexported to {args.export} ({folder_size(Path(args.export)) / 1e6:,.1f} MB); "
-              f"train from it with `ternchat train --data {args.export}`")
+        export_artifacts(art, Path(args.export), args.max_train_tokens)
         return 0
     print(f"data ready: corpus {art.corpus_dir}"
           + (f", tokenizer {art.tokenizer_dir}" if art.tokenizer_dir else "")
           + (f", shards {art.shard_dir}" if art.shard_dir else ""))
-    return 0
-
-
-def _mine_functions(args: argparse.Namespace, cfg: Config) -> int:
-    from ternchat.data.pipeline import prepare_data
-    from ternchat.verify.function_data import check_sample, mine_corpus
-
-    corpus_dir = prepare_data(cfg, until="corpus", force=args.force).corpus_dir
-    start = time.perf_counter()
-    mined = mine_corpus(corpus_dir, args.against)
-    print(f"documented functions in the train split: {mined['found']:,} found, {mined['dropped']:,} "
-          f"dropped as resembling one of {mined['evaluation_problems']} evaluation problems, {mined['kept']:,} kept "
-          f"({mined['with_examples']:,} with doc-test examples, {mined['examples']:,} examples) in "
-          f"{time.perf_counter() - start:.0f} s -> {mined['out']}")
-    if args.check:
-        from ternchat.verify.sandbox import Limits, checked_isolation
-
-        limits = Limits(allow_unisolated=args.allow_unisolated or cfg.eval.allow_unisolated)
-        checked_isolation(limits)
-        report = check_sample(mined["functions"], args.check, workers=cfg.data.workers or 2, limits=limits)
-        for kind, r in report.items():
-            share = r["compiles"] / r["checked"] if r["checked"] else 0.0
-            codes = ", ".join(f"{code} {n}" for code, n in r["top_error_codes"]) or "none"
-            print(f"  {kind}: {r['compiles']} of a sample of {r['checked']} compile alone ({100 * share:.0f}%); "
-                  f"most frequent rustc errors: {codes}")
     return 0
 
 
@@ -162,20 +121,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_speedrun(args: argparse.Namespace) -> int:
-    from ternchat.train.report import write_report
     from ternchat.train.trainer import resolve_run, train
 
-    cfg, run_dir = resolve_run(args.config, _run_overrides(args), args.run_dir, args.resume)
+    cfg, run_dir = resolve_run(args.config, [*_run_overrides(args), "eval.report=true"], args.run_dir, args.resume)
     result = train(cfg, run_dir, args.resume)
     _print_result(result)
-    print(f"report: {write_report(run_dir, cfg, result, result['samples'])}")
+    print(f"report: {result['report']}")
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from ternchat.eval.chat import StopText, stream_text
+    from ternchat.eval.chat import Sampling, stream_sample
     from ternchat.eval.decode_step import prepare_decoding
-    from ternchat.eval.engine import SpeculationStats, generate
     from ternchat.runs import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(args.run)
@@ -187,39 +144,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.exit_threshold is not None and model.loop is None:
         print(f"error: --exit-threshold needs a looped model ([loop]); {args.run} has none", file=sys.stderr)
         return 2
-    stats, passes = SpeculationStats(), []
-    count, start = 0, time.perf_counter()
-    if args.fim_suffix is not None:  # fill in the middle: prefix and suffix in, the middle streamed between
-        from ternchat.data.fim import fim_prompt
 
-        prompt_ids = fim_prompt(args.prompt, args.fim_suffix, tok)
-    else:
-        prompt_ids = tok.encode(args.prompt)
-    sys.stdout.write(args.prompt)
-
-    def counted(tokens):
-        nonlocal count
-        for token in tokens:
-            count += 1
-            yield token
-
-    tokens = generate(model, prompt_ids, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, seed=args.seed, stop_ids=[tok.eod_id], speculative=args.speculative,
-                      stats=stats, exit_threshold=args.exit_threshold, passes_run=passes, compiled_step=compiled_step)
-    for piece in StopText(args.stop).cut(stream_text(counted(tokens), tok)):
-        sys.stdout.write(piece)
+    def write(text: str) -> None:
+        sys.stdout.write(text)
         sys.stdout.flush()
-    if args.fim_suffix is not None:
-        sys.stdout.write(args.fim_suffix)
-    seconds = time.perf_counter() - start
-    speculation = ""
-    if args.speculative:
-        speculation = (f", {stats.steps} verify steps, draft acceptance by depth "
-                       f"{', '.join(f'{a:.0%}' for a in stats.acceptance())}")
-    elif model.loop is not None and len(passes) > 1:  # the first entry is the prompt's, at full depth
-        speculation = f", {sum(passes[1:]) / len(passes[1:]):.2f} of {model.shape.loop_steps} passes per token"
-    print(f"\n[{count} tokens in {seconds:.2f}s, {count / max(seconds, 1e-9):.1f} tokens/s{speculation}]",
-          file=sys.stderr)
+
+    sampling = Sampling(args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    done = stream_sample(model, tok, args.prompt, sampling, write, stop=args.stop, fim_suffix=args.fim_suffix,
+                         speculative=args.speculative, exit_threshold=args.exit_threshold, compiled_step=compiled_step)
+    print(f"\n{done}", file=sys.stderr)
     return 0
 
 
@@ -257,255 +190,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
-
-    from ternchat.runs import load_model_and_tokenizer
+    from ternchat.export.formats import check_export_tools, export_model
+    from ternchat.runs import load_model_and_tokenizer, run_stage
 
     if not args.run.is_dir():
         raise DataError(f"--run {args.run}: export takes a run folder")
-    needs = {"hf": ("transformers", "accelerate"), "gguf": ("gguf",)}.get(args.format, ())
-    missing = [name for name in needs if importlib.util.find_spec(name) is None]
-    if missing:
-        raise DataError(f"--format {args.format} needs {', '.join(missing)}: .venv/bin/pip install -e '.[export]'")
+    check_export_tools(args.format)
     model, tok = load_model_and_tokenizer(args.run)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.float_dtype or ("bf16" if args.format == "packed"
-                                                                                  else "fp32")]
-    if args.format == "hf":
-        from ternchat.export.hf import check_logits, export_hf
-
-        out = args.out or args.run / "hf"
-        written = export_hf(model, tok, args.run / "tokenizer", out, dtype, args.layout)
-        print(f"wrote {out}: {written['layout']}, {written['bytes'] / 2 ** 20:.2f} MiB"
-              + ("; the MTP heads are not exported" if written["mtp_dropped"] else ""))
-        if args.check:
-            result = check_logits(out, model, tok, _check_texts())
-            print(f"transformers ({result['class']}) against ternchat, fp32, {result['tokens']} positions: max |logit "
-                  f"difference| {result['max_abs_logit_diff']:.3g}, {result['within_1e-4']} positions within 1e-4, "
-                  f"same top token at {result['same_top_token']}; generate() greedy: {result['greedy_agree']} of "
-                  f"{len(result['greedy_ternchat'])} tokens as ternchat's")
-        return 0
-    if args.format == "gguf":
-        from ternchat.export.gguf import export_gguf
-
-        out = args.out or args.run / f"model_{args.quant}.gguf"
-        written = export_gguf(model, tok, out, args.quant, dtype, args.run.name)
-        print(f"wrote {out}: llama.cpp bitnet, {args.quant.upper()} block matrices, {written['bytes'] / 2 ** 20:.2f} MiB"
-              + ("; the MTP heads are not exported" if written["mtp_dropped"] else "")
-              + f". Check it in llama.cpp: python scripts/check_gguf.py --run {args.run} --gguf {out}")
-        return 0
-    from ternchat.export.packed import export_packed
-    from ternchat.runs import run_stage
-
-    out = args.out or args.run / "model_packed.safetensors"
-    sizes = export_packed(model, out, tok, dtype, stage=run_stage(args.run))
-    mib = 2 ** 20
-    print(f"wrote {out}: {sizes['packed_bytes'] / mib:.2f} MiB; the same model is {sizes['fp32_bytes'] / mib:.2f} MiB "
-          f"in fp32 ({sizes['fp32_bytes'] / sizes['packed_bytes']:.1f}x) and {sizes['bf16_bytes'] / mib:.2f} MiB in "
-          f"bf16 ({sizes['bf16_bytes'] / sizes['packed_bytes']:.1f}x). Ternary matrices "
-          f"{sizes['ternary_bytes'] / mib:.2f} MiB, embedding, head and gains {sizes['other_bytes'] / mib:.2f} MiB, "
-          f"tokenizer {sizes['tokenizer_bytes'] / mib:.2f} MiB: the file alone samples, chats, serves and evaluates.")
+    export_model(model, tok, args.run, args.format, args.out, quant=args.quant, float_dtype=args.float_dtype,
+                 layout=args.layout, check=args.check, stage=run_stage(args.run))
     return 0
 
 
-def _check_texts() -> list[str]:
-    """Texts to compare an export on: the evaluation problems' prompts (Rust the model was trained for)."""
-    from ternchat.verify.humaneval import load_problems
-
-    return [p.prompt for p in load_problems()[:4]]
-
-
-def _report(args: argparse.Namespace, result: dict, format_table: Callable[[dict], str]) -> None:
-    """Print a benchmark's table; with --out, also write what it measured as JSON."""
-    print(format_table(result))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "optim":
-        from ternchat.bench.optim_bench import bench_optim, format_report
+    from ternchat.bench.registry import BENCHMARKS, format_result
 
-        report = bench_optim(args.config, args.overrides, args.optim_steps, args.out_dir)
-        print(format_report(report))
-        print(f"loss curves: {args.out_dir / 'optim_loss.png'}")
-        return 0
-    if args.what == "dedup":
-        from ternchat.bench.dedup_bench import bench_dedup, format_dedup
-        from ternchat.data.pipeline import prepare_data
-
-        cfg = _config(args)
-        corpus = prepare_data(cfg, until="corpus").corpus_dir
-        result = bench_dedup(corpus, cfg.data.minhash_perms, cfg.data.near_dup_threshold)
-        _report(args, result, format_dedup)
-        return 0
-    if args.what == "sweep":
-        from ternchat.bench.sweep import bench_sweep, format_sweep, parse_grid
-
-        if not args.grid:
-            raise ConfigError("bench sweep needs at least one --grid section.key=value1,value2,...")
-        report = bench_sweep(args.config, args.overrides, parse_grid(args.grid), args.optim_steps)
-        _report(args, report, format_sweep)
-        return 0
-    if args.what == "arch":
-        from ternchat.bench.arch_bench import bench_arch, format_arch
-
-        report = bench_arch(args.config, args.overrides, args.optim_steps)
-        _report(args, report, format_arch)
-        return 0
-    if args.what == "fire":
-        from ternchat.bench.fire_bench import bench_fire, format_fire
-
-        if args.run is None:
-            raise ConfigError("bench fire needs --run DIR (a trained run folder)")
-        _report(args, bench_fire(args.run), format_fire)
-        return 0
-    if args.what == "loader":
-        from ternchat.bench.loader_bench import bench_loader, format_loader
-
-        _report(args, bench_loader(args.config, args.overrides, args.optim_steps, workers=args.workers or 1),
-                format_loader)
-        return 0
-    if args.what == "gemm":
-        from ternchat.bench.gemm_bench import bench_gemm, format_gemm
-
-        _report(args, bench_gemm(), format_gemm)
-        return 0
-    if args.what in ("precision", "collider"):
-        from ternchat.bench import gemm_bench
-
-        bench = gemm_bench.bench_precision if args.what == "precision" else gemm_bench.bench_collider
-        table = gemm_bench.format_precision if args.what == "precision" else gemm_bench.format_collider
-        _report(args, bench(args.config, args.overrides, args.optim_steps), table)
-        return 0
-    if args.what == "decode":
-        from ternchat.bench.decode_bench import bench_decode, format_decode
-
-        _report(args, bench_decode(args.decode_tokens), format_decode)
-        return 0
-    if args.what == "mtp":
-        from ternchat.bench.mtp_bench import bench_mtp, format_mtp
-
-        report = bench_mtp(args.config, args.overrides, args.optim_steps, args.decode_tokens)
-        _report(args, report, format_mtp)
-        return 0
-    if args.what == "dist":
-        from ternchat.bench.dist_bench import bench_dist, format_dist
-
-        result = bench_dist(args.config, args.overrides, args.optim_steps)
-        _report(args, result, format_dist)
-        return 0
-    if args.what == "scale":
-        from ternchat.bench.scale_bench import bench_scale, format_scale
-
-        try:
-            cap = parse_bytes(args.memory_cap) if args.memory_cap else None
-        except ValueError as e:
-            raise ConfigError(f"--memory-cap: {e}") from None
-        result = bench_scale(_config(args), args.steps, args.warmup, cap, args.peak_tflops, args.cpu, args.profile)
-        if result:  # rank 0
-            _report(args, result, format_scale)
-        return 0
-    if args.what == "eval":
-        from ternchat.bench.eval_bench import bench_eval, format_result
-
-        result = bench_eval(args.problems, args.workers, args.baseline_problems, args.allow_unisolated)
-        _report(args, result, format_result)
-        return 0
-    from ternchat.bench.train_bench import bench_train, format_table
-
-    cfg = _config(args)
-    result = bench_train(cfg, args.config, args.overrides, args.rounds, args.steps, args.warmup)
-    _report(args, result, format_table)
+    result = BENCHMARKS[args.what].run(args)
+    if result is not None:  # None: a torchrun rank other than 0
+        print(format_result(args.what, result))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from ternchat.evaluation import evaluate
 
-    from ternchat.verify.humaneval import load_problem_set, references, score
-    from ternchat.verify.inputs import read_completions
-    from ternchat.verify.metrics import summarize, write_reports
-    from ternchat.verify.sandbox import Limits, checked_isolation
-
-    problem_set = load_problem_set(args.problems, args.strict)  # malformed files stop here, before anything runs
-    problems = problem_set.problems
-    given = read_completions(args.completions, [p.name for p in problems]) if args.completions else None
-    limits = Limits(allow_unisolated=args.allow_unisolated)
-    iso = checked_isolation(limits)  # refuse before spending time on generation
-    ks = [int(k) for k in args.k.split(",")]
-    if given is not None:
-        completions = given
-        out = args.out or Path("eval") / args.completions.stem
-    elif args.run is None:  # score the problems' own canonical solutions: does the dataset check out?
-        completions = references(problems)
-        out = args.out or Path("eval") / f"{Path(str(args.problems)).stem}_canonical"
-    else:
-        from ternchat.eval.engine import chat_reply, complete
-        from ternchat.runs import load_model_and_tokenizer, run_stage
-        from ternchat.train.tfgrpo import Library, messages_with
-
-        model, tok = load_model_and_tokenizer(args.run)
-        temperature = 0.0 if args.samples == 1 and args.temperature is None else (args.temperature or 0.2)
-        chat = args.chat if args.chat is not None else (run_stage(args.run) != "pretrain" or bool(args.experiences))
-        library = Library.load(args.experiences) if args.experiences else Library()
-        print(f"prompting {'in the chat format (the task as the user turn)' if chat else 'by plain completion'}"
-              + (f", with {len(library.experiences)} experiences as the system message" if args.experiences else ""))
-
-        def sample(p, seed: int) -> str:
-            if chat:
-                return chat_reply(model, tok, messages_with(library, p), args.max_tokens, p.stop_tokens,
-                                  temperature=temperature, seed=seed)
-            return complete(model, tok, p.prompt, args.max_tokens, p.stop_tokens, temperature=temperature, seed=seed)
-
-        completions = {}
-        for p in tqdm(problems, desc="generate", unit="problem"):
-            completions[p.name] = [sample(p, args.seed + i) for i in range(args.samples)]
-        out = args.out or Path(args.run if args.run.is_dir() else args.run.parent) / "eval_humaneval_rust"
-    print(f"sandbox: {iso.describe()}")
-    bar = tqdm(total=sum(len(v) for v in completions.values()), desc="compile+run", unit="sample")
-    results = score(problems, completions, workers=args.workers, limits=limits, progress=bar.update,
-                    cut=args.run is not None or args.completions is not None)
-    bar.close()
-    summary = summarize(results, ks, skipped=problem_set.skipped)
-    write_reports(results, summary, out, f"HumanEval-Rust ({args.problems})")
-    print(", ".join(f"{k} {v:.3f}" for k, v in summary["pass@k"].items())
-          + f", compile rate {summary['compile_rate']:.3f}, semantic correctness "
-            f"{summary['semantic_correctness']:.3f}; outcomes {summary['outcomes']}"
-          + (f"; {len(problem_set.skipped)} problem(s) skipped as unscorable" if problem_set.skipped else "")
-          + f" -> {out}")
+    evaluate(args.problems, run=args.run, completions_file=args.completions, strict=args.strict,
+             samples=args.samples, ks=[int(k) for k in args.k.split(",")], temperature=args.temperature,
+             max_tokens=args.max_tokens, seed=args.seed, workers=args.workers, out=args.out,
+             experiences=args.experiences, chat=args.chat, allow_unisolated=args.allow_unisolated)
     return 0
 
 
-def default_tasks_file() -> Path:
-    from ternchat.paths import ternchat_home
-
-    return ternchat_home() / "tasks" / "train_tasks.jsonl"
-
-
-def _build_tasks(out: Path, against: Sequence[str], workers: int, allow_unisolated: bool) -> dict:
-    from ternchat.verify.sandbox import Limits, checked_isolation
-    from ternchat.verify.tasks import build_training_tasks
-
-    limits = Limits(allow_unisolated=allow_unisolated)
-    print(f"sandbox: {checked_isolation(limits).describe()}")
-    report = build_training_tasks(out, against, workers, limits=limits)
-    for name, why in {**report["dropped_as_duplicates"], **report["failed_verification"]}.items():
-        print(f"  dropped {name}: {why}")
-    print(f"{report['kept']} of {report['generated']} tasks kept -> {out}")
-    return report
-
-
 def cmd_tasks(args: argparse.Namespace) -> int:
-    _build_tasks(args.out or default_tasks_file(), args.against, args.workers, args.allow_unisolated)
+    from ternchat.verify.tasks import build_tasks_file, default_tasks_file
+
+    build_tasks_file(args.out or default_tasks_file(), args.against, args.workers, args.allow_unisolated)
     return 0
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
     from ternchat.data.pipeline import prepare_data
+    from ternchat.train.checkpoint import required_checkpoint
     from ternchat.train.sft import sft
+    from ternchat.verify.tasks import training_tasks
 
-    _require_checkpoint(args.run)
-    tasks = _training_tasks(args.tasks, args.allow_unisolated)
+    required_checkpoint(args.run)
+    tasks = training_tasks(args.tasks, args.allow_unisolated)
     corpus_dir = None
     if not args.no_corpus:
         parent_config = args.run / "config.toml"
@@ -520,34 +252,17 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
-def _require_checkpoint(run: Path) -> None:
-    """Stop before building tasks or data when the run to start from has nothing to load."""
-    from ternchat.train.checkpoint import latest_checkpoint
-
-    if not run.is_dir() or latest_checkpoint(run) is None:
-        raise DataError(f"{run} has no checkpoint to start from; train it first (ternchat train)")
-
-
-def _training_tasks(path: Path | None, allow_unisolated: bool) -> list:
-    from ternchat.verify.humaneval import load_problems
-
-    tasks_file = path or default_tasks_file()
-    if not tasks_file.exists():
-        if path:
-            raise DataError(f"no tasks file at {tasks_file}; make one with ternchat tasks --out {tasks_file}")
-        _build_tasks(tasks_file, [], 0, allow_unisolated)
-    return load_problems(tasks_file)
-
-
 def cmd_rl(args: argparse.Namespace) -> int:
+    from ternchat.train.checkpoint import required_checkpoint
     from ternchat.train.rl import rl
     from ternchat.verify.sandbox import Limits, checked_isolation
+    from ternchat.verify.tasks import training_tasks
 
-    _require_checkpoint(args.run)
+    required_checkpoint(args.run)
     limits = Limits(allow_unisolated=args.allow_unisolated)
     checked_isolation(limits)  # refuse before loading anything
     out = args.out or args.run.with_name(args.run.name + "_rl")
-    result = rl(args.run, out, _training_tasks(args.tasks, args.allow_unisolated), args.overrides, args.resume,
+    result = rl(args.run, out, training_tasks(args.tasks, args.allow_unisolated), args.overrides, args.resume,
                 limits, args.workers)
     first, last = result["history"][:1], result["history"][-1:]
     if first:
@@ -558,17 +273,19 @@ def cmd_rl(args: argparse.Namespace) -> int:
 
 def cmd_tfgrpo(args: argparse.Namespace) -> int:
     from ternchat.runs import load_model_and_tokenizer
+    from ternchat.train.checkpoint import required_checkpoint
     from ternchat.train.tfgrpo import model_policy, tfgrpo
     from ternchat.verify.sandbox import Limits, checked_isolation
+    from ternchat.verify.tasks import training_tasks
 
-    _require_checkpoint(args.run)
+    required_checkpoint(args.run)
     limits = Limits(allow_unisolated=args.allow_unisolated)
     checked_isolation(limits)
     t = load_config(None, args.overrides).tfgrpo
     model, tok = load_model_and_tokenizer(args.run)
     out = args.out or args.run / "tfgrpo"
     result = tfgrpo(model_policy(model, tok, t.max_tokens, t.temperature),
-                    _training_tasks(args.tasks, args.allow_unisolated), out, steps=t.steps,
+                    training_tasks(args.tasks, args.allow_unisolated), out, steps=t.steps,
                     tasks_per_step=t.tasks_per_step, group_size=t.group_size, per_task=t.per_task,
                     max_experiences=t.max_experiences, seed=t.seed, limits=limits, workers=args.workers, model=model)
     for h in result["history"]:
@@ -579,30 +296,9 @@ def cmd_tfgrpo(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from ternchat.plan import format_plan, measure_cpu, plan_memory
+    from ternchat.plan import plan_report
 
-    cfg = _config(args)
-    vocab = cfg.tokenizer.vocab_size
-    hw = cfg.hardware
-    gpus = args.gpus or hw.gpus
-    memory = args.gpu_mem or hw.gpu_memory
-    try:
-        budget = parse_bytes(memory) if memory else None
-    except ValueError as e:
-        raise ConfigError(f"--gpu-mem: {e}") from None
-    device = "cpu" if args.measure else "cuda"
-    host = parse_bytes(hw.host_memory) if hw.host_memory and not args.gpu_mem else None
-    plan = plan_memory(cfg, vocab, args.micro_batch, budget, gpus, device, host)
-    recompute = cfg.train.activation_checkpointing
-    title = (f"{args.config or 'tiny_cpu (built-in)'}" + (f" on {hw.name}" if hw.name and not args.gpu_mem else "")
-             + (f", activation checkpointing {recompute}" if recompute != "none" else ""))
-    print(format_plan(plan, title, gpus, cfg.dist.strategy))
-    if args.measure:
-        measured = measure_cpu(cfg, vocab, plan.micro_batch)
-        peak, rss = measured["tensor_peak"], measured["rss_added"]
-        print(f"\nmeasured on this CPU: peak tensor bytes {peak / 2**30:,.3f} GiB (planned {plan.total / 2**30:,.3f}, "
-              f"{100 * (plan.total - peak) / peak:+.1f}%); peak RSS added {rss / 2**30:,.3f} GiB "
-              f"(planned {100 * (plan.total - rss) / rss:+.1f}%: RSS also holds the C allocator's cache)")
+    print(plan_report(_config(args), args.config, args.gpus, args.gpu_mem, args.micro_batch, args.measure))
     return 0
 
 
@@ -779,39 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output path (default: RUN/model_packed.safetensors, RUN/hf, RUN/model_<quant>.gguf)")
     p.set_defaults(func=cmd_export)
 
+    from ternchat.bench.registry import BENCHMARKS
+
     p = sub.add_parser("bench", help="benchmarks against baselines measured in the same run",
-                       description="bench train: tokens/s and peak memory of a dense fp32 AdamW baseline (a), "
-                                   "dense bf16 compiled (b) and ternchat's ternary Muon model (c), eager and "
-                                   "compiled, at the config's shape, with ratios. bench eval: evaluations/s of "
-                                   "the sandboxed HumanEval-Rust harness against plain one-at-a-time rustc. "
-                                   "bench optim: seven optimizer setups on the same model, seed and batches. "
-                                   "bench sweep: the same for each point of a grid of config values. bench dedup: "
-                                   "near-duplicate sketches, rensa against datasketch (if installed). bench dist: "
-                                   "one process against two torchrun ranks (DDP, FSDP2) on the same global batch. "
-                                   "bench scale: a config's real model for a few steps on a GPU (optionally "
-                                   "capped to a smaller card): tok/s, MFU and peak memory against the plan. "
-                                   "bench mtp: the model without MTP, with heads and with modules (val bpb), and "
-                                   "speculative against plain decoding from the MTP models. bench arch: the plain "
-                                   "model against mHC, unconstrained HC, LoopLM (T 2, 4) and mHC with LoopLM. "
-                                   "bench precision: high-precision GEMMs against each [fp4] recipe. bench gemm: "
-                                   "bf16 against FP8 GEMM TFLOP/s on CUDA. bench collider: "
-                                   "step times and val bpb at 0/20/40/60% of tokens filtered. bench loader: data wait "
-                                   "per step with 10% slow samples, in-process and in-order loaders against "
-                                   "MinatoLoader. bench fire: a trained run's val bpb and ternary codes before and "
-                                   "after FIRE (exact and the official 5 Newton-Schulz steps).")
-    p.add_argument("what", choices=["train", "eval", "optim", "sweep", "dedup", "dist", "scale", "mtp", "arch",
-                                    "precision", "gemm", "collider", "loader", "fire", "decode"],
-                   help="train: training throughput and memory; eval: sandboxed compile+run evaluations per second; "
-                        "optim: the memory-efficient optimizers against Muon and AdamW; sweep: validation loss "
-                        "over a grid of config values; dedup: rensa's MinHash against datasketch's on the corpus; "
-                        "dist: tokens/s of 1 process vs 2 ranks; scale: a preset's model on a GPU against its plan; "
-                        "mtp: multi-token prediction's val bpb and speculative decoding; arch: mHC and LoopLM "
-                        "against the plain model (val bpb, tok/s, memory, composite gain, Q-exit); precision: FP4/FP8 "
-                        "recipes (val bpb, loss curve, quantization error, GPU GEMM throughput); gemm: the GPU GEMM rows alone; collider: backward "
-                        "and step time and val bpb per filtered fraction; loader: the share of step time spent "
-                        "waiting for data with slow samples, per loader; fire: FIRE's effect on a trained run's "
-                        "val bpb and ternary codes; decode: batch-1 decoding tok/s and peak memory, dense bf16, "
-                        "ternary float and int8 kernels, llama.cpp TQ2_0/TQ1_0")
+                       description="Each benchmark measures ternchat against a baseline in the same run: "
+                                   + "; ".join(f"{name}: {b.help}" for name, b in BENCHMARKS.items()) + ".")
+    p.add_argument("what", choices=list(BENCHMARKS), help="which benchmark (see above)")
     p.add_argument("--optim-steps", type=int, default=100,
                    help="optim, sweep, dist, mtp, arch, precision, collider, loader: training steps per run")
     p.add_argument("--decode-tokens", type=int, default=128,

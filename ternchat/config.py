@@ -283,6 +283,8 @@ class EvalConfig:
     val_batches: int = _field(20, min=1, doc="batches per validation pass")
     sample_every: int = _field(0, min=0, doc="steps between samples; 0 = only at the end")
     sample_tokens: int = _field(128, min=1, doc="tokens per sample")
+    report: bool = _field(False, doc="at the end of the run write report.md and loss.png in the run folder "
+                                     "(ternchat speedrun turns it on)")
     rust_problems: bool = _field(True, doc="after training, score one greedy completion per shipped Rust problem "
                                            "in the rustc sandbox: compile rate and pass@1 (skipped without rustc "
                                            "or bubblewrap)")

@@ -46,7 +46,7 @@ import importlib.util
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ternchat.config import Config, OptimConfig, parse_bytes  # noqa: F401  (parse_bytes: part of this API)
+from ternchat.config import Config, ConfigError, OptimConfig, parse_bytes
 from ternchat.model.gpt import GPTShape
 from ternchat.optim.muon import stack_size
 
@@ -90,17 +90,17 @@ def hyper_connection_activation_bytes(s: GPTShape) -> float:
 
 def mtp_matrices(s: GPTShape) -> list[tuple[int, int]]:
     """The matrices of multi-token prediction: a block per extra head, or per module plus its 2d -> d projection."""
-    if s.mtp_kind == "none":
+    if s.mtp is None:
         return []
-    projection = [(s.d_model, 2 * s.d_model)] if s.mtp_kind == "modules" else []
-    return (one_block_matrices(s) + projection) * s.mtp_n_future
+    projection = [(s.d_model, 2 * s.d_model)] if s.mtp.kind == "modules" else []
+    return (one_block_matrices(s) + projection) * s.mtp.n_future
 
 
 def mtp_gains(s: GPTShape) -> int:
     """Norm gains of multi-token prediction: each block's, and each head's or module's own norms."""
-    if s.mtp_kind == "none":
+    if s.mtp is None:
         return 0
-    return s.mtp_n_future * (one_block_gains(s) + (3 if s.mtp_kind == "modules" else 1) * s.d_model)
+    return s.mtp.n_future * (one_block_gains(s) + (3 if s.mtp.kind == "modules" else 1) * s.d_model)
 
 
 def adamw_8bit_available() -> bool:
@@ -267,10 +267,11 @@ def plan_memory(cfg: Config, vocab_size: int, micro_batch: int | None = None, gp
             saved = tokens * passes * s.depth * trunk_block
         # MTP: each extra block keeps its activations (no recompute); heads free their logits one at a
         # time (their sequential backward), modules keep theirs until the backward
-        saved += tokens * s.mtp_n_future * per_block
-        kept_logits = passes + (s.mtp_n_future if s.mtp_kind == "modules" else 0)
+        mtp_depths, mtp_kind = (s.mtp.n_future, s.mtp.kind) if s.mtp is not None else (0, "none")
+        saved += tokens * mtp_depths * per_block
+        kept_logits = passes + (mtp_depths if mtp_kind == "modules" else 0)
         activations = saved + tokens * (10 * s.d_model * passes + 4 * s.vocab_size * kept_logits) + weight_copies
-        if s.mtp_kind == "heads":  # the gradients the heads' sequential backward holds until the trunk's
+        if mtp_kind == "heads":  # the gradients the heads' sequential backward holds until the trunk's
             activations += 4.0 * (sum(r * c for r, c in mtp_matrices(s)) + mtp_gains(s) + head_values + s.d_model)
         parts = {"weights (fp32 latent)": 4.0 * params / shards, "gradients (fp32)": 4.0 * params / shards,
                  "optimizer state": float(optimizer), "activations": float(activations),
@@ -374,7 +375,8 @@ def measure_cpu(cfg: Config, vocab_size: int, micro_batch: int) -> dict[str, int
     from ternchat.model.gpt import GPT
     from ternchat.optim.factory import build_optimizer
     from ternchat.train.activation_checkpointing import apply_activation_checkpointing
-    from ternchat.train.trainer import autocast_for, proc_status_bytes
+    from ternchat.train.step import autocast_for
+    from ternchat.train.trainer import proc_status_bytes
 
     before = proc_status_bytes("VmRSS") or 0
     torch.manual_seed(0)
@@ -402,3 +404,30 @@ def measure_cpu(cfg: Config, vocab_size: int, micro_batch: int) -> dict[str, int
         current += nbytes
         peak = max(peak, current)
     return {"tensor_peak": live + peak, "rss_added": (proc_status_bytes("VmHWM") or 0) - before}
+
+
+def plan_report(cfg: Config, config_name: str | None, gpus: int | None = None, gpu_mem: str | None = None,
+                micro_batch: int | None = None, measure: bool = False) -> str:
+    """`ternchat plan`: the plan's table for the config's hardware (or the given devices), and with
+    `measure` a real step on this CPU against it."""
+    vocab, hw = cfg.tokenizer.vocab_size, cfg.hardware
+    gpus = gpus or hw.gpus
+    memory = gpu_mem or hw.gpu_memory
+    try:
+        budget = parse_bytes(memory) if memory else None
+    except ValueError as e:
+        raise ConfigError(f"--gpu-mem: {e}") from None
+    host = parse_bytes(hw.host_memory) if hw.host_memory and not gpu_mem else None
+    plan = plan_memory(cfg, vocab, micro_batch, budget, gpus, "cpu" if measure else "cuda", host)
+    recompute = cfg.train.activation_checkpointing
+    title = (f"{config_name or 'tiny_cpu (built-in)'}" + (f" on {hw.name}" if hw.name and not gpu_mem else "")
+             + (f", activation checkpointing {recompute}" if recompute != "none" else ""))
+    report = format_plan(plan, title, gpus, cfg.dist.strategy)
+    if measure:
+        measured = measure_cpu(cfg, vocab, plan.micro_batch)
+        peak, rss = measured["tensor_peak"], measured["rss_added"]
+        report += (f"\n\nmeasured on this CPU: peak tensor bytes {peak / 2**30:,.3f} GiB (planned "
+                   f"{plan.total / 2**30:,.3f}, {100 * (plan.total - peak) / peak:+.1f}%); peak RSS added "
+                   f"{rss / 2**30:,.3f} GiB (planned {100 * (plan.total - rss) / rss:+.1f}%: RSS also holds the C "
+                   "allocator's cache)")
+    return report

@@ -18,8 +18,9 @@ BASE = dict(vocab_size=48, depth=2, d_model=32, n_heads=2, d_ff=64, seq_len=24, 
 
 
 def model_of(**extra) -> GPT:
+    """The model of BASE with the technique knobs in `extra`, in the flat layout (mhc_streams=4, ...)."""
     torch.manual_seed(0)
-    return GPT(GPTShape(**BASE, **extra))
+    return GPT(GPTShape.from_dict({**BASE, **extra}))
 
 
 def jiggle(model: GPT, scale: float = 0.3, seed: int = 1) -> GPT:
@@ -69,7 +70,7 @@ def test_the_composite_mapping_stays_bounded_and_hc_does_not():
     gains = {}
     for constraint in ("sinkhorn", "none"):
         torch.manual_seed(0)
-        model = GPT(GPTShape(**deep, mhc_streams=4, mhc_constraint=constraint, mhc_gate_init=1.0))
+        model = GPT(GPTShape.from_dict({**deep, "mhc_streams": 4, "mhc_constraint": constraint, "mhc_gate_init": 1.0}))
         torch.manual_seed(3)
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -2,6 +2,7 @@
 gradients and parameters; Muon's whole matrices per owner rank give the single-process result; a
 2-rank run killed with kill -9 resumes at 2 ranks with the same losses, and at 1 rank."""
 
+import functools
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -60,14 +62,22 @@ def finish(job: subprocess.Popen, timeout: float) -> str:
 
 
 def run_worker(tmp_path: Path, nproc: int, *args: str) -> dict:
-    out = tmp_path / f"{nproc}-{'-'.join(args)}.pt"
     if nproc == 1:
+        return one_process(*args)
+    out = tmp_path / f"{nproc}-{'-'.join(args)}.pt"
+    finish(torchrun(nproc, str(WORKER), *args, "--out", str(out)), timeout=120)
+    return torch.load(out, weights_only=True)
+
+
+@functools.cache
+def one_process(*args: str) -> dict:
+    """The worker's run in one plain process; several tests compare their ranks against the same one."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "one.pt"
         cmd = [sys.executable, str(WORKER), *args, "--out", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr
-    else:
-        finish(torchrun(nproc, str(WORKER), *args, "--out", str(out)), timeout=120)
-    return torch.load(out, weights_only=True)
+        return torch.load(out, weights_only=True)
 
 
 def max_difference(a: dict, b: dict) -> float:

@@ -14,7 +14,7 @@ LAYERS = (
     ("verify", "eval", "export"),
     ("optim",),
     ("train",),
-    ("runs", "plan"),
+    ("runs", "plan", "evaluation"),
     ("bench",),
     ("cli", "__main__"),
 )

@@ -104,6 +104,7 @@ def trained(request) -> GPT:
     return train_on_triples(request.param)
 
 
+@pytest.mark.statistical  # compares whole runs or sampled distributions: the numerics pass leaves it out
 def test_depth_one_learns_token_t_plus_2_while_the_next_token_stays_random(trained):
     x = triples(64, 33, 16, torch.Generator().manual_seed(99))
     inputs = x[:, :-1]
@@ -124,6 +125,7 @@ def test_speculative_greedy_equals_plain_greedy_on_a_trained_model(trained):
     assert stats.accepted[0] > 0 and stats.steps < stats.tokens  # drafts were taken, not only offered
 
 
+@pytest.mark.statistical  # compares whole runs or sampled distributions: the numerics pass leaves it out
 def test_speculative_sampling_with_a_bad_draft_keeps_the_target_distribution():
     """The drafting heads are random, so drafts are often rejected; the second token (the first one
     drafted) must still follow the main model: chi-square against its exact marginal."""
@@ -178,6 +180,7 @@ def test_speculative_needs_mtp():
         list(generate(model, [1], 3, speculative=True))
 
 
+@pytest.mark.statistical  # compares whole runs or sampled distributions: the numerics pass leaves it out
 @pytest.mark.parametrize("kind", KINDS)
 def test_an_mtp_run_resumes_exactly_and_its_export_drafts(tmp_path, overrides, kind, stop_and_resume):
     from ternchat.export.packed import export_packed, load_packed

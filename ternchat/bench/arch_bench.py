@@ -89,7 +89,7 @@ def probe_arch(trainer) -> dict:
     """What `ternchat bench arch` measures on a trained model besides the training run's numbers."""
     from ternchat.data.loader import TokenLoader
     from ternchat.model.mhc import composite_gain
-    from ternchat.train.trainer import SAMPLE_PROMPTS
+    from ternchat.train.run_evals import SAMPLE_PROMPTS
 
     model = trainer.inference_model()
     cfg = trainer.cfg

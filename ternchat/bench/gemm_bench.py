@@ -188,7 +188,7 @@ def time_collider(config: str | None, overrides: list[str], rounds: int = 8) -> 
     """Median forward and backward seconds of one step per filtered fraction: one model's weights, one
     batch, the fractions interleaved within each round (the first round is warm-up)."""
     from ternchat.model.gpt import GPT, GPTShape
-    from ternchat.train.trainer import autocast_for
+    from ternchat.train.step import autocast_for
 
     cfg = load_config(config, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

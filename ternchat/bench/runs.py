@@ -31,7 +31,8 @@ def measure(config: str | None, overrides: list[str], steps: int, decode_tokens:
     """Train `steps` steps in this process; return what was measured (with `decode_tokens`, also plain
     against speculative decoding of the sample prompts by the trained model, `measure_decoding`; with
     `probe`, 'module:function', what that function measures on the trained `Trainer`)."""
-    from ternchat.train.trainer import SAMPLE_PROMPTS, Trainer
+    from ternchat.train.run_evals import SAMPLE_PROMPTS
+    from ternchat.train.trainer import Trainer
 
     cfg = load_config(config, [*overrides, *BENCH_OVERRIDES, f"train.max_steps={steps}"])
     decoding = None

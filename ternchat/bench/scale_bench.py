@@ -30,8 +30,8 @@ from ternchat.plan import plan_memory
 from ternchat.train.distributed import Ranks, init_distributed, launched_ranks, shutdown_distributed
 from ternchat.train.errors import RunError
 from ternchat.train.report import machine
-from ternchat.train.trainer import (autocast_for, build_training, compile_if_possible, optimizer_step,
-                                    peak_memory_bytes)
+from ternchat.train.step import autocast_for, optimizer_step
+from ternchat.train.trainer import build_training, compile_if_possible, peak_memory_bytes
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity), by device name.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,

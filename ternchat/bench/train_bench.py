@@ -31,7 +31,8 @@ from ternchat.data.shards import shard_paths
 from ternchat.model.gpt import GPT, GPTShape
 from ternchat.optim.factory import build_optimizer
 from ternchat.train.report import machine
-from ternchat.train.trainer import autocast_for, peak_memory_bytes, pick_device
+from ternchat.train.step import autocast_for
+from ternchat.train.trainer import peak_memory_bytes, pick_device
 
 VARIANTS = {
     "a": "dense fp32, AdamW, eager",

@@ -200,3 +200,12 @@ def describe(manifest: dict) -> str:
 
 def folder_size(folder: Path) -> int:
     return sum(os.path.getsize(p) for p in Path(folder).rglob("*") if p.is_file())
+
+
+def export_artifacts(art, out: Path, max_train_tokens: int = 0, log=print) -> dict:
+    """`ternchat data --export DIR`: the prepared-data folder of the pipeline's artifacts `art`."""
+    manifest = export_prepared(out, corpus_dir=art.corpus_dir, corpus_summary=art.corpus_summary,
+                               tokenizer=art.tokenizer, shard_dir=art.shard_dir, max_train_tokens=max_train_tokens)
+    log(f"{describe(manifest)}\nexported to {out} ({folder_size(out) / 1e6:,.1f} MB); "
+        f"train from it with `ternchat train --data {out}`")
+    return manifest

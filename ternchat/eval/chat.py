@@ -12,13 +12,15 @@ tokens prints whole. `/reset` starts a new conversation, `/quit` or end of input
 from __future__ import annotations
 
 import codecs
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 from ternchat.data.chat import completion_prompt
+from ternchat.data.fim import fim_prompt
 from ternchat.data.tokenizer import Tokenizer
 from ternchat.eval.decode_step import CompiledStep
-from ternchat.eval.engine import generate
+from ternchat.eval.engine import SpeculationStats, generate
 from ternchat.model.gpt import GPT
 
 
@@ -128,3 +130,36 @@ def run_terminal(session: ChatSession, read: Callable[[str], str], write: Callab
         for piece in session.reply(line):
             write(piece)
         write("\n")
+
+
+def stream_sample(model: GPT, tok: Tokenizer, prompt: str, sampling: Sampling, write: Callable[[str], None], *,
+                  stop: Sequence[str] = (), fim_suffix: str | None = None, speculative: bool = False,
+                  exit_threshold: float | None = None, compiled_step: CompiledStep | None = None) -> str:
+    """`ternchat sample`: write the prompt and its continuation as it is generated (with `fim_suffix`, the
+    middle between prompt and suffix, then the suffix); returns a line of what decoding did."""
+    stats, passes = SpeculationStats(), []
+    count, start = 0, time.perf_counter()
+    prompt_ids = fim_prompt(prompt, fim_suffix, tok) if fim_suffix is not None else tok.encode(prompt)
+    write(prompt)
+
+    def counted(tokens: Iterator[int]) -> Iterator[int]:
+        nonlocal count
+        for token in tokens:
+            count += 1
+            yield token
+
+    tokens = generate(model, prompt_ids, sampling.max_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+                      top_p=sampling.top_p, seed=sampling.seed, stop_ids=[tok.eod_id], speculative=speculative,
+                      stats=stats, exit_threshold=exit_threshold, passes_run=passes, compiled_step=compiled_step)
+    for piece in StopText(stop).cut(stream_text(counted(tokens), tok)):
+        write(piece)
+    if fim_suffix is not None:
+        write(fim_suffix)
+    seconds = time.perf_counter() - start
+    detail = ""
+    if speculative:
+        detail = f", {stats.steps} verify steps, draft acceptance by depth " \
+                 f"{', '.join(f'{a:.0%}' for a in stats.acceptance())}"
+    elif model.loop is not None and len(passes) > 1:  # the first entry is the prompt's, at full depth
+        detail = f", {sum(passes[1:]) / len(passes[1:]):.2f} of {model.shape.loop_steps} passes per token"
+    return f"[{count} tokens in {seconds:.2f}s, {count / max(seconds, 1e-9):.1f} tokens/s{detail}]"

@@ -106,7 +106,7 @@ def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temperat
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     cache_len = seq_len if compiled_step is not None else min(seq_len, len(prompt) + max_new_tokens)
     cache = KVCache(model.shape, 1, cache_len, device, _cache_dtype(model))
-    q = model.shape.loop_exit_threshold if exit_threshold is None else exit_threshold
+    q = (model.loop.exit_threshold if model.loop is not None else 1.0) if exit_threshold is None else exit_threshold
 
     def step(ids: list[int]) -> torch.Tensor:
         if compiled_step is not None and cache.pos > 0:
@@ -134,9 +134,9 @@ class _Drafter:
     so its cache holds only positions whose inputs are settled and the rest is recomputed."""
 
     def __init__(self, model: GPT, max_len: int, device: torch.device):
-        self.model, self.mtp, self.kind = model, model.mtp, model.shape.mtp_kind
+        self.model, self.mtp, self.kind = model, model.mtp, model.shape.mtp.kind
         depth = self.mtp.n_future
-        one = replace(model.shape, depth=1, loop_steps=1)
+        one = replace(model.shape, depth=1, loop=None)
         self.caches = [KVCache(one, 1, max_len, device, _cache_dtype(model)) for _ in range(depth)]
         # states[0]: the trunk's; states[k]: head k's or module k's output, by position
         self.states = torch.zeros(depth + 1, max_len, model.shape.d_model, device=device)

@@ -14,7 +14,7 @@ embedded hold only its hash; they load with the `tokenizer/` folder beside them.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -67,7 +67,7 @@ def export_packed(model: GPT, path: Path, tokenizer: Tokenizer, float_dtype: tor
         if name in packed_weights:
             continue
         tensors[name] = p.detach().to(float_dtype if name in low_precision else torch.float32).contiguous()
-    metadata = {"format": FORMAT, "shape": json.dumps(asdict(model.shape)), "tokenizer_hash": tokenizer.hash,
+    metadata = {"format": FORMAT, "shape": json.dumps(model.shape.to_dict()), "tokenizer_hash": tokenizer.hash,
                 "tokenizer": json.dumps(tokenizer.files()), "chat_format": CHAT_FORMAT, "stage": stage}
     save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
     n_params = model.parameter_counts()["total"]
@@ -99,7 +99,7 @@ def load_packed(path: Path) -> PackedModel:
         if tokenizer is not None and tokenizer.hash != meta["tokenizer_hash"]:
             raise DataError(f"{path}: its tokenizer's hash {tokenizer.hash[:12]} is not the recorded "
                             f"{meta['tokenizer_hash'][:12]}")
-        shape = GPTShape(**json.loads(meta["shape"])).for_inference()
+        shape = GPTShape.from_dict(json.loads(meta["shape"])).for_inference()
         model = GPT(shape)
         if shape.quant == "ternary":
             to_inference(model)

@@ -15,6 +15,8 @@ filtered tokens' keys and values, as in the paper.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -57,7 +59,23 @@ class Collider:
         return per_token.index_select(0, kept).mean()
 
 
-def make_collider(filter_frac: float, reference_run: str) -> Collider | None:
+@dataclass(frozen=True)
+class ColliderShape:
+    filter_frac: float  # share of tokens filtered (> 0)
+    reference: str = ""  # run folder of Rho-1's reference model; empty = score by the loss
+
+    @classmethod
+    def from_config(cls, c) -> "ColliderShape | None":
+        """The shape of the config's `[collider]` section; None when it is off."""
+        return cls(c.filter_frac, c.reference) if c.enabled else None
+
+    def note(self) -> str:
+        score = f"excess loss over {self.reference}" if self.reference else "loss"
+        return (f"Collider: the {self.filter_frac:.0%} of tokens with the lowest {score} are filtered; their "
+                "gradients are dropped at every linear")
+
+
+def make_collider(shape: ColliderShape | None) -> Collider | None:
     """The layer factory's choice: a Collider when filtering is on, else None (no hooks, no cost)."""
-    return Collider(filter_frac, reference_run) if filter_frac > 0 else None
+    return Collider(shape.filter_frac, shape.reference) if shape is not None and shape.filter_frac > 0 else None
 

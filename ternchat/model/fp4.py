@@ -297,3 +297,30 @@ def execution_path(recipe: str, device: torch.device) -> str:
     blackwell = capability is not None and capability[0] in (10, 12)
     note = " (this Blackwell GPU could run it natively; the FP4 kernels are not wired in yet)" if blackwell else ""
     return f"{recipe}: FP4 emulated on {where}: values rounded to FP4, GEMMs in higher precision{note}"
+
+
+@dataclass(frozen=True)
+class PrecisionShape:
+    """Which GEMMs of a model run under a recipe: all blocks but the first `bf16_first` and last `bf16_last`,
+    and the LM head with `head`."""
+    recipe: str
+    bf16_first: int = 0
+    bf16_last: int = 0
+    head: bool = False
+    hadamard: int = 0  # random Hadamard block; 0 = the recipe's own
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, f) -> "PrecisionShape | None":
+        """The shape of the config's `[fp4]` section; None when no recipe is chosen."""
+        if f.recipe == "none":
+            return None
+        return cls(f.recipe, f.bf16_first_blocks, f.bf16_last_blocks, f.quantize_head, f.hadamard_block, f.seed)
+
+    def quantizer(self) -> Quantizer:
+        return Quantizer(make_recipe(self.recipe, self.hadamard), self.seed)
+
+    def note(self, depth: int, device: torch.device) -> str:
+        kept = depth - self.bf16_first - self.bf16_last
+        return (f"GEMMs: {execution_path(self.recipe, device)}; {kept} of {depth} blocks"
+                f"{' and the head' if self.head else ''} under the recipe")

@@ -4,30 +4,28 @@ Read top to bottom: token embedding (full precision, untied from the head unless
 `depth` pre-norm blocks -> final RMSNorm -> LM head (full precision). A block is
     x = x + o_proj(SubLN(attention(RMSNorm(x))))      attention: q/k/v projections, QK-norm, RoPE, causal SDPA
     x = x + down(SubLN(relu(up(RMSNorm(x)))^2))       ReLU^2 MLP
-The architecture knobs `mlp` (relu2, or the gated relu2_glu / swiglu with a third `gate` matrix),
-`qk_norm` and `tie_embeddings` give the shapes other engines load natively (docs/use.md).
 with SubLN the extra RMSNorm before the output projections of BitNet b1.58 2B4T. As there, q, k
 and v are three BitLinear layers, each with its own absmean scale (a fused QKV matrix would share
-one scale, and Muon would orthogonalize the three as one matrix). There are no biases. Which
-linear is built (ternary or dense) is the layer factory's choice (`make_linear`).
-A KV cache serves incremental decoding. A block can recompute its activations in the backward
-pass instead of keeping them (`Block.recompute`, set by train/activation_checkpointing.py).
-With `[mtp]` on, `mtp` holds the multi-token prediction heads or modules (model/mtp.py), built by
-the same layer factory from the same blocks; given targets, the forward then returns their loss.
-With `[mhc]` on, the residual is `mhc_streams` streams and each sublayer's `x + F(x)` becomes the
-hyper-connection of model/mhc.py (the layer factory's `make_residual`); the streams are expanded after
-the embedding and contracted before the final norm. With `[loop]` on, the blocks run `loop_steps`
-passes with an exit gate after each (model/looped.py); the KV cache has a slot per pass and layer.
-Both are off by default, and the model is then exactly the plain GPT.
-Every block linear and the head run their GEMMs through model/linear.py, whose hooks the layer factory
-fills: an `[fp4]` recipe (model/fp4.py; the first/last blocks and the head may stay in high precision)
-and, with `[collider]` on, the row filter of model/collider.py, set by the loss from the kept tokens.
+one scale, and Muon would orthogonalize the three as one matrix). There are no biases. The knobs
+`mlp` (relu2, or the gated relu2_glu / swiglu with a third `gate` matrix), `qk_norm` and
+`tie_embeddings` give the shapes other engines load natively (docs/use.md). A KV cache serves
+incremental decoding; a block can recompute its activations in the backward pass (`Block.recompute`,
+set by train/activation_checkpointing.py).
+
+The techniques plug into this model through its hooks, each built by its own module from its shape in
+`GPTShape` (None when off, and the model is then exactly the plain GPT):
+- which linear: `make_linear` (ternary or dense), whose GEMMs run through model/linear.py's hooks: an
+  FP4/FP8 recipe (model/fp4.py) and Collider's row filter (model/collider.py);
+- the residual wiring: `make_residual` (plain, or mHC's hyper-connections over `mhc_streams` streams,
+  expanded after the embedding and contracted before the final norm; model/mhc.py);
+- the depth schedule: `make_loop` (LoopLM's passes over the blocks with an exit gate; the KV cache has a
+  slot per pass and layer; model/looped.py);
+- the extra heads: `make_mtp` (MTP heads or modules built from the same blocks; model/mtp.py);
+- the training loss: `make_objective` (model/objective.py), which `forward(idx, targets)` returns.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -35,83 +33,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ternchat.config import Config
 from ternchat.model.bitlinear import BitLinear, TernaryLinear, make_linear
 from ternchat.model.collider import make_collider
-from ternchat.model.fp4 import Quantizer, execution_path, make_recipe
 from ternchat.model.linear import NO_HOOKS, Gemm, Linear, RowFilter
 from ternchat.model.looped import make_loop, q_exit_steps
 from ternchat.model.mhc import PlainResidual, ResidualStreams, make_residual
 from ternchat.model.mtp import make_mtp
-
-
-@dataclass(frozen=True)
-class GPTShape:
-    vocab_size: int
-    depth: int
-    d_model: int
-    n_heads: int
-    d_ff: int
-    seq_len: int
-    quant: str
-    mtp_kind: str = "none"  # multi-token prediction: none, heads or modules
-    mtp_n_future: int = 0  # tokens predicted beyond the next one
-    mtp_weights: tuple[float, ...] = ()  # heads: one per depth from the next token; modules: (lambda,)
-    mhc_streams: int = 1  # residual streams; 1 = the plain residual
-    mhc_sinkhorn_iters: int = 20
-    mhc_constraint: str = "sinkhorn"  # sinkhorn (mHC) or none (HC)
-    mhc_gate_init: float = 0.01
-    loop_steps: int = 1  # passes over the blocks; 1 = no loop
-    loop_stage: str = "joint"  # joint (stage I) or gate (stage II)
-    loop_entropy_beta: float = 0.05
-    loop_gate_k: float = 50.0
-    loop_gate_gamma: float = 0.005
-    loop_exit_threshold: float = 1.0  # Q-exit's q at generation; 1 = every pass
-    fp4_recipe: str = "none"  # GEMM precision recipe of model/fp4.py (training only)
-    fp4_bf16_first: int = 0  # blocks at the start whose linears stay in high precision
-    fp4_bf16_last: int = 0  # ... and at the end
-    fp4_head: bool = False  # the LM head's GEMMs under the recipe too
-    fp4_hadamard: int = 0  # random Hadamard block; 0 = the recipe's own
-    fp4_seed: int = 0
-    collider_filter_frac: float = 0.0  # share of tokens Collider filters; 0 = off (training only)
-    collider_reference: str = ""  # run folder of Rho-1's reference model; empty = score by the loss
-    mlp: str = "relu2"  # relu2, relu2_glu (HF BitNet) or swiglu (llama.cpp's bitnet graph)
-    qk_norm: bool = True
-    tie_embeddings: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "mtp_weights", tuple(self.mtp_weights))  # a list after a JSON round trip
-
-    @classmethod
-    def from_config(cls, cfg: Config, vocab_size: int) -> "GPTShape":
-        m, mtp, mhc, loop = cfg.model, cfg.mtp, cfg.mhc, cfg.loop
-        extra = {}
-        if mtp.kind != "none":
-            weights = tuple(mtp.weights) if mtp.kind == "heads" else (mtp.module_weight,)
-            extra.update(mtp_kind=mtp.kind, mtp_n_future=mtp.n_future, mtp_weights=weights)
-        if mhc.enabled:
-            extra.update(mhc_streams=mhc.streams, mhc_sinkhorn_iters=mhc.sinkhorn_iters,
-                         mhc_constraint=mhc.constraint, mhc_gate_init=mhc.gate_init)
-        if loop.enabled:
-            extra.update(loop_steps=loop.steps, loop_stage=loop.stage, loop_entropy_beta=loop.entropy_beta,
-                         loop_gate_k=loop.gate_k, loop_gate_gamma=loop.gate_gamma,
-                         loop_exit_threshold=loop.exit_threshold)
-        if cfg.fp4.recipe != "none":
-            f = cfg.fp4
-            extra.update(fp4_recipe=f.recipe, fp4_bf16_first=f.bf16_first_blocks, fp4_bf16_last=f.bf16_last_blocks,
-                         fp4_head=f.quantize_head, fp4_hadamard=f.hadamard_block, fp4_seed=f.seed)
-        if cfg.collider.enabled:
-            extra.update(collider_filter_frac=cfg.collider.filter_frac, collider_reference=cfg.collider.reference)
-        return cls(vocab_size, m.depth, m.d_model, m.n_heads, m.d_ff or 4 * m.d_model, m.seq_len, m.quant, **extra,
-                   mlp=m.mlp, qk_norm=m.qk_norm, tie_embeddings=m.tie_embeddings)
-
-    def for_inference(self) -> "GPTShape":
-        """The same model without the training-only GEMM hooks (precision recipe, token filter)."""
-        return dataclasses.replace(self, fp4_recipe="none", collider_filter_frac=0.0, collider_reference="")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+from ternchat.model.objective import make_objective
+from ternchat.model.shape import GPTShape
 
 
 class RMSNorm(nn.RMSNorm):
@@ -243,11 +172,11 @@ class Block(nn.Module):
 
 def gemm_hooks(shape: GPTShape, rows: RowFilter | None) -> tuple[list[Gemm], Gemm]:
     """Each block's GEMM hooks and the head's: the precision recipe where it applies, and the row filter."""
-    quantizer = Quantizer(make_recipe(shape.fp4_recipe, shape.fp4_hadamard), shape.fp4_seed) \
-        if shape.fp4_recipe != "none" else None
-    quantized = range(shape.fp4_bf16_first, shape.depth - shape.fp4_bf16_last)
+    p = shape.precision
+    quantizer = p.quantizer() if p is not None else None
+    quantized = range(p.bf16_first, shape.depth - p.bf16_last) if p is not None else range(0)
     blocks = [Gemm(quantizer if i in quantized else None, rows) for i in range(shape.depth)]
-    return blocks, Gemm(quantizer if shape.fp4_head else None, rows)
+    return blocks, Gemm(quantizer if p is not None and p.head else None, rows)
 
 
 class GPT(nn.Module):
@@ -256,9 +185,8 @@ class GPT(nn.Module):
         self.shape = shape
         self.embed = nn.Embedding(shape.vocab_size, shape.d_model)
         self.streams = ResidualStreams(shape.mhc_streams)
-        self.collider = make_collider(shape.collider_filter_frac, shape.collider_reference)
-        if self.collider is not None and (shape.mtp_kind != "none" or shape.loop_steps > 1):
-            raise ValueError("Collider filters the plain next-token loss; it does not combine with MTP or a loop")
+        self.objective = make_objective(shape)  # None: the next token's cross-entropy (model/objective.py)
+        self.collider = make_collider(shape.collider)
         block_gemms, head_gemm = gemm_hooks(shape, self.collider.rows if self.collider is not None else None)
         self.blocks = nn.ModuleList(Block(shape, i, lambda: make_residual(shape), block_gemms[i])
                                     for i in range(shape.depth))
@@ -341,44 +269,16 @@ class GPT(nn.Module):
         picked = torch.stack(normed).gather(0, chosen[None, ..., None].expand(1, *normed[0].shape))[0]
         return self.lm_head(picked)
 
-    def training_loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The loss of the configured objective: the next token's cross-entropy or the loop's exit objective
-        over its passes' states, plus MTP's depths, which read the last pass's state."""
-        states, _ = self.passes(idx)
-        looped = self.loop is not None
-        z = torch.stack(states) if looped else states[0]
-
-        def next_token(z: torch.Tensor) -> torch.Tensor:
-            if looped:
-                return self.loop.loss(list(z.unbind(0)), targets, self.final_norm, self.lm_head)
-            logits = self.logits(z).float()
-            if self.collider is not None and torch.is_grad_enabled():
-                per_token = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-                return self.collider.loss(per_token, idx, targets)
-            return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
-
-        def last(z: torch.Tensor) -> torch.Tensor:
-            return z[-1] if looped else z
-
-        if self.mtp is None or (looped and self.loop.stage == "gate"):  # stage II trains the gate alone
-            return next_token(z)
-        cos, sin = self.rope(0, idx.shape[1])
-        if self.shape.mtp_kind == "heads":
-            shared = [*self.final_norm.parameters(), *self.lm_head.parameters(),
-                      *(self.loop.parameters() if self.loop is not None else ())]
-            return self.mtp.loss(z, targets, next_token, last, self.lm_head, cos, sin, shared)
-        return self.mtp.loss(z, idx, targets, next_token, last, self.embed, self.lm_head, cos, sin)
-
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 reduction: str = "mean", exit_threshold: float = 1.0) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids `idx` (B, T); with `targets`, the cross-entropy instead
-        (with MTP or a loop on and reduction 'mean', the training objective; else the next token's, a
-        looped model's from its last pass). `exit_threshold` < 1: logits from Q-exit's pass per position."""
+        (with reduction 'mean' and a technique's objective on, that objective, model/objective.py; else the
+        next token's, a looped model's from its last pass). `exit_threshold` < 1: logits from Q-exit's pass
+        per position."""
         if self.collider is not None:
             self.collider.rows.kept = None  # only the loss of this forward may set which rows' gradients flow
-        objective = self.mtp is not None or self.loop is not None or self.collider is not None
-        if targets is not None and reduction == "mean" and cache is None and objective:
-            return self.training_loss(idx, targets)
+        if targets is not None and reduction == "mean" and cache is None and self.objective is not None:
+            return self.objective(self, idx, targets)
         states, _ = self.passes(idx, cache, exit_threshold)
         logits = self.exit_logits(states, exit_threshold)
         if targets is None:
@@ -397,38 +297,18 @@ class GPT(nn.Module):
         cos, sin = self.rope(0, T)
         h = z
         for k in range(1, min(self.mtp.n_future, T - 1) + 1):
-            if self.shape.mtp_kind == "heads":
+            if self.shape.mtp.kind == "heads":
                 h_k = self.mtp.hidden(k, z, cos, sin)[:, :T - k]
             else:
                 h = h_k = self.mtp.hidden(k, h[:, :T - k], self.embed(idx[:, k:]), cos[:T - k], sin[:T - k])
             out.append(self.mtp.logits(k, h_k, self.lm_head))
         return out
 
-    def objective_metrics(self) -> dict[str, float | list[float]]:
-        """What the last training forward's objective measured besides its value (metrics.jsonl): each MTP
-        depth's loss, each loop pass's next-token loss and the mean exit pass under the exit distribution."""
-        out: dict[str, float | list[float]] = {}
-        if self.mtp is not None and self.mtp.last_losses:
-            out["mtp_depth_losses"] = [float(x) for x in self.mtp.last_losses]
-        if self.loop is not None and self.loop.last_exit_step is not None:
-            out["loop_pass_losses"] = [float(x) for x in self.loop.last_losses]
-            out["loop_mean_exit_pass"] = float(self.loop.last_exit_step)
-        if self.collider is not None and self.collider.last_full_loss is not None:
-            out["collider_all_tokens_loss"] = float(self.collider.last_full_loss)
-        return out
-
     def gemm_notes(self, device: torch.device) -> list[str]:
         """What the linears' GEMM hooks do on `device`, for the start of a run: the precision path, the filter."""
-        s, notes = self.shape, []
-        if s.fp4_recipe != "none":
-            kept = s.depth - s.fp4_bf16_first - s.fp4_bf16_last
-            notes.append(f"GEMMs: {execution_path(s.fp4_recipe, device)}; {kept} of {s.depth} blocks"
-                         f"{' and the head' if s.fp4_head else ''} under the recipe")
-        if self.collider is not None:
-            score = f"excess loss over {s.collider_reference}" if s.collider_reference else "loss"
-            notes.append(f"Collider: the {s.collider_filter_frac:.0%} of tokens with the lowest {score} are "
-                         "filtered; their gradients are dropped at every linear")
-        return notes
+        s = self.shape
+        return ([s.precision.note(s.depth, device)] if s.precision is not None else []) + \
+            ([s.collider.note()] if self.collider is not None else [])
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters by kind: embedding, head, block matrices (ternary or dense), norm gains."""

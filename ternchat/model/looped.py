@@ -25,9 +25,28 @@ which would cut mHC's streams, which must persist). The gate starts at w = 0, b 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LoopShape:
+    steps: int  # passes over the blocks (> 1)
+    stage: str = "joint"  # joint (stage I) or gate (stage II)
+    entropy_beta: float = 0.05
+    gate_k: float = 50.0
+    gate_gamma: float = 0.005
+    exit_threshold: float = 1.0  # Q-exit's q at generation; 1 = every pass
+
+    @classmethod
+    def from_config(cls, loop) -> "LoopShape | None":
+        """The shape of the config's `[loop]` section; None when it is off."""
+        if not loop.enabled:
+            return None
+        return cls(loop.steps, loop.stage, loop.entropy_beta, loop.gate_k, loop.gate_gamma, loop.exit_threshold)
 
 
 class ExitGate(nn.Module):
@@ -81,9 +100,10 @@ class LoopedDepth(nn.Module):
 
     def __init__(self, shape):
         super().__init__()
-        self.steps, self.stage = shape.loop_steps, shape.loop_stage
-        self.beta, self.k, self.gamma = shape.loop_entropy_beta, shape.loop_gate_k, shape.loop_gate_gamma
-        self.exit_threshold = shape.loop_exit_threshold
+        loop = shape.loop
+        self.steps, self.stage = loop.steps, loop.stage
+        self.beta, self.k, self.gamma = loop.entropy_beta, loop.gate_k, loop.gate_gamma
+        self.exit_threshold = loop.exit_threshold
         self.gate = ExitGate(shape.d_model)
         self.last_losses: list[torch.Tensor] = []
         self.last_exit_step: torch.Tensor | None = None
@@ -109,5 +129,5 @@ class LoopedDepth(nn.Module):
 
 def make_loop(shape) -> LoopedDepth | None:
     """The layer factory's depth schedule: None for one pass (the plain GPT), else the looped one."""
-    return LoopedDepth(shape) if shape.loop_steps > 1 else None
+    return LoopedDepth(shape) if shape.loop is not None and shape.loop.steps > 1 else None
 

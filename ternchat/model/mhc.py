@@ -43,6 +43,7 @@ and biases to AdamW with the norm gains, as DeepSeek-V4 trains them.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -178,12 +179,25 @@ class ResidualStreams(nn.Module):
         return x if self.n == 1 else x.mean(dim=-2)
 
 
+@dataclass(frozen=True)
+class HyperShape:
+    streams: int  # residual streams (> 1)
+    sinkhorn_iters: int = 20
+    constraint: str = "sinkhorn"  # sinkhorn (mHC) or none (HC)
+    gate_init: float = 0.01
+
+    @classmethod
+    def from_config(cls, mhc) -> "HyperShape | None":
+        """The shape of the config's `[mhc]` section; None when it is off."""
+        return cls(mhc.streams, mhc.sinkhorn_iters, mhc.constraint, mhc.gate_init) if mhc.enabled else None
+
+
 def make_residual(shape) -> nn.Module:
     """The layer factory's residual wiring of one sublayer: plain, or mHC/HC over the shape's streams."""
-    if shape.mhc_streams == 1:
+    h = shape.mhc
+    if h is None or h.streams == 1:
         return PlainResidual()
-    return HyperConnection(shape.d_model, shape.mhc_streams, shape.mhc_sinkhorn_iters, shape.mhc_constraint,
-                           shape.mhc_gate_init)
+    return HyperConnection(shape.d_model, h.streams, h.sinkhorn_iters, h.constraint, h.gate_init)
 
 
 def composite_gain(model: nn.Module, idx: torch.Tensor) -> dict[str, float]:

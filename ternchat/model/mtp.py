@@ -22,6 +22,7 @@ the tokens it predicts from, and each keeps its own KV cache.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -29,6 +30,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ternchat.model.bitlinear import make_linear
+
+@dataclass(frozen=True)
+class MTPShape:
+    kind: str  # heads or modules
+    n_future: int  # tokens predicted beyond the next one
+    weights: tuple[float, ...]  # heads: one per depth from the next token; modules: (lambda,)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", tuple(self.weights))  # a list after a JSON round trip
+
+    @classmethod
+    def from_config(cls, mtp) -> "MTPShape | None":
+        """The shape of the config's `[mtp]` section; None when it is off."""
+        if mtp.kind == "none":
+            return None
+        return cls(mtp.kind, mtp.n_future, tuple(mtp.weights) if mtp.kind == "heads" else (mtp.module_weight,))
+
 
 Factory = Callable[[int], nn.Module]  # block(layer) or norm(dim), from the model's layer factory
 Term = Callable[[torch.Tensor], torch.Tensor]  # the trunk's state -> a loss, or -> the state MTP reads
@@ -72,7 +90,6 @@ class SequentialHeadLoss(torch.autograd.Function):
         return (dz * grad_total.to(dz.dtype), None, None, *(g * grad_total.to(g.dtype) for g in grads))
 
 
-@torch.compiler.disable  # autograd.grad inside a forward: eager, while the trunk stays compiled
 def _sequential(z: torch.Tensor, terms: list, record: list, params: list[torch.Tensor]) -> torch.Tensor:
     return SequentialHeadLoss.apply(z, terms, record, *params)
 
@@ -80,12 +97,15 @@ def _sequential(z: torch.Tensor, terms: list, record: list, params: list[torch.T
 class MTPHeads(nn.Module):
     def __init__(self, shape, block: Factory, norm: Factory):
         super().__init__()
-        self.n_future, self.weights = shape.mtp_n_future, tuple(shape.mtp_weights)
+        self.n_future, self.weights = shape.mtp.n_future, shape.mtp.weights
         if len(self.weights) != self.n_future + 1:
             raise ValueError(f"heads need n_future + 1 = {self.n_future + 1} loss weights, got {len(self.weights)}")
         self.blocks = nn.ModuleList(block(0) for _ in range(self.n_future))
         self.norms = nn.ModuleList(norm(shape.d_model) for _ in range(self.n_future))
         self.last_losses: list[torch.Tensor] = []
+        # autograd.grad inside a forward runs eagerly while the trunk stays compiled. Wrapped here, not at
+        # import: torch.compiler.disable imports dynamo, seconds that every process would pay otherwise.
+        self._sequential = torch.compiler.disable(_sequential)
 
     def hidden(self, j: int, z: torch.Tensor, cos, sin, cache=None) -> torch.Tensor:
         """Head j's block output (j from 1: it predicts t+1+j) at every position of z."""
@@ -107,7 +127,7 @@ class MTPHeads(nn.Module):
         record: list[torch.Tensor] = []
         if torch.is_grad_enabled():
             params = [p for p in [*shared, *self.parameters()] if p.requires_grad]
-            total = _sequential(z, terms, record, params)
+            total = self._sequential(z, terms, record, params)
         else:
             record = [term(z) for term in terms]
             total = torch.stack(record).sum()
@@ -119,7 +139,7 @@ class MTPHeads(nn.Module):
 class MTPModules(nn.Module):
     def __init__(self, shape, block: Factory, norm: Factory):
         super().__init__()
-        self.n_future, self.weight = shape.mtp_n_future, float(shape.mtp_weights[0])
+        self.n_future, self.weight = shape.mtp.n_future, float(shape.mtp.weights[0])
         d = shape.d_model
         self.embed_norms = nn.ModuleList(norm(d) for _ in range(self.n_future))
         self.hidden_norms = nn.ModuleList(norm(d) for _ in range(self.n_future))
@@ -154,10 +174,10 @@ class MTPModules(nn.Module):
 
 def make_mtp(shape, block: Factory, norm: Factory) -> nn.Module | None:
     """The layer factory's MTP switch: None when off (the model is then exactly the plain GPT)."""
-    if shape.mtp_kind == "none":
+    if shape.mtp is None:
         return None
-    if shape.mtp_kind == "heads":
+    if shape.mtp.kind == "heads":
         return MTPHeads(shape, block, norm)
-    if shape.mtp_kind == "modules":
+    if shape.mtp.kind == "modules":
         return MTPModules(shape, block, norm)
-    raise ValueError(f"unknown mtp kind {shape.mtp_kind!r}; choose none, heads or modules")
+    raise ValueError(f"unknown mtp kind {shape.mtp.kind!r}; choose none, heads or modules")

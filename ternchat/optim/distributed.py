@@ -18,10 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+import sys
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.tensor import DTensor
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 @dataclass(frozen=True)
@@ -203,8 +208,15 @@ class OwnedMatrices:
 
 
 # --- sharded parameters and their optimizer state -------------------------------------------------
+def is_dtensor(t: object) -> bool:
+    """Whether `t` is a DTensor, without importing torch.distributed.tensor (a second of every process's
+    start): no DTensor exists before that module is imported, as FSDP2 does."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def any_sharded(tensors: Iterable[torch.Tensor]) -> bool:
-    return any(isinstance(t, DTensor) for t in tensors)
+    return any(is_dtensor(t) for t in tensors)
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -213,7 +225,7 @@ def is_sharded(model: nn.Module) -> bool:
 
 def full_state(state: dict) -> dict:
     """A torch optimizer's state dict with every DTensor gathered whole (a collective on all ranks)."""
-    return {"state": {i: {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in s.items()}
+    return {"state": {i: {k: v.full_tensor() if is_dtensor(v) else v for k, v in s.items()}
                       for i, s in state["state"].items()},
             "param_groups": state["param_groups"]}
 
@@ -232,12 +244,14 @@ def own_shard(whole: torch.Tensor, like: DTensor) -> torch.Tensor:
 def shard_state(state: dict, params: Iterable[torch.Tensor]) -> dict:
     """Cut the whole tensors of a saved optimizer state down to this rank's shards of `params` (kept where
     the parameter's shard lives: on the device, or in host memory under offload)."""
+    from torch.distributed.tensor import DTensor
+
     params = list(params)
     out = {}
     for i, s in state["state"].items():
         p = params[int(i)]
         out[i] = {k: DTensor.from_local(own_shard(v, p).contiguous(), p.device_mesh, p.placements,
                                         run_check=False, shape=p.shape, stride=p.stride())
-                  if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape else v
+                  if is_dtensor(p) and torch.is_tensor(v) and v.shape == p.shape else v
                   for k, v in s.items()}
     return {"state": out, "param_groups": state["param_groups"]}

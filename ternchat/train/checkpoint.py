@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-from dataclasses import MISSING, asdict, fields
+
 from pathlib import Path
 from typing import Any
 
@@ -114,17 +114,23 @@ def verify_checkpoint(path: Path) -> None:
                                   "Delete this checkpoint folder to resume from the one before it.")
 
 
+def required_checkpoint(run_dir: Path) -> Path:
+    """The latest checkpoint of `run_dir`; a clear error when there is none (before any work is done)."""
+    checkpoint = latest_checkpoint(run_dir) if Path(run_dir).is_dir() else None
+    if checkpoint is None:
+        raise DataError(f"{run_dir} has no checkpoint to start from; train it first (ternchat train), or pass a "
+                        "packed model file where one is accepted")
+    return checkpoint
+
+
 def load_run_checkpoint(run_dir: Path, for_inference: bool = False) -> tuple[GPT, dict]:
     """The latest checkpoint of `run_dir`, verified, as a GPT with its latent weights (BitLinears holding
     their full-precision weights), and its trainer state. `for_inference` builds the model without the
     parts that only training uses (the FP4/FP8 recipe, Collider)."""
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise DataError(f"{run_dir} has no checkpoint to start from; train it first (ternchat train), or pass a "
-                        "packed model file where one is accepted")
+    checkpoint = required_checkpoint(run_dir)
     verify_checkpoint(checkpoint)
     state = json.loads((checkpoint / "trainer.json").read_text())
-    shape = GPTShape(**state["model_shape"])
+    shape = GPTShape.from_dict(state["model_shape"])
     model = GPT(shape.for_inference() if for_inference else shape)
     model.load_state_dict(load_file(checkpoint / "model.safetensors"))
     return model, state
@@ -134,12 +140,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, shape) -> dic
     """Verify and load a checkpoint into `model` and `optimizer`; return the trainer state."""
     verify_checkpoint(path)
     state = json.loads((path / "trainer.json").read_text())
-    # As saved, tuples become lists; a field added since the checkpoint was written reads as its default.
-    defaults = {f.name: f.default for f in fields(shape) if f.default is not MISSING}
-    saved = {**json.loads(json.dumps(defaults)), **(state.get("model_shape") or {})}
-    if saved != json.loads(json.dumps(asdict(shape))):
-        raise CheckpointError(f"checkpoint {path} is for model {state.get('model_shape')}, but this run builds "
-                              f"{asdict(shape)}; resume with the run's own config")
+    # A field added since the checkpoint was written reads as its default (GPTShape.from_dict).
+    saved = state.get("model_shape")
+    if saved is None or GPTShape.from_dict(saved) != shape:
+        raise CheckpointError(f"checkpoint {path} is for model {saved}, but this run builds "
+                              f"{shape.to_dict()}; resume with the run's own config")
     try:
         load_full_model_state(model, load_file(path / "model.safetensors"))
     except (SafetensorError, RuntimeError) as e:

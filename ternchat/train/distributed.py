@@ -38,10 +38,9 @@ import torch.distributed as dist
 import torch.distributed.nn  # noqa: F401  before any group exists (shutdown_distributed says why)
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
 
 from ternchat.config import DistConfig
-from ternchat.optim.distributed import Ranks, is_sharded, own_shard
+from ternchat.optim.distributed import Ranks, is_dtensor, is_sharded, own_shard
 
 
 def launched_ranks() -> Ranks:
@@ -228,5 +227,5 @@ def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> N
         raise RuntimeError(f"the state does not match the model: missing {missing}, unexpected {unexpected}")
     with torch.no_grad():
         for name, target in own.items():
-            piece = own_shard(state[name], target) if isinstance(target, DTensor) else state[name]
-            (target.to_local() if isinstance(target, DTensor) else target).copy_(piece)
+            piece = own_shard(state[name], target) if is_dtensor(target) else state[name]
+            (target.to_local() if is_dtensor(target) else target).copy_(piece)

@@ -84,3 +84,13 @@ def apply_fire(model: nn.Module, mode: str = "exact", iterations: int = 5) -> di
             "matrices": len(targets), "normalized_singular_values": [spread_lo, spread_hi],
             "ternary_codes_flipped": flipped / codes if codes else None,
             "ternary_scale_ratio": sum(scale_ratio) / len(scale_ratio) if scale_ratio else None}
+
+
+def fire_at_switch(cfg, model: nn.Module, log=print, **_) -> dict:
+    """Trainer event `stage_switch` (with `fire.at_<stage>`): FIRE on the parent's weights; its report."""
+    f = cfg.fire
+    report = apply_fire(model, f.mode, f.iterations)
+    flipped = report["ternary_codes_flipped"]
+    log(f"FIRE ({f.mode}) on {report['matrices']} matrices"
+        + (f": {100 * flipped:.1f}% of the ternary codes flipped" if flipped is not None else ""))
+    return {"fire": report}

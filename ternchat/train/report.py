@@ -74,3 +74,10 @@ def write_report(run_dir: Path, cfg: Config, result: dict, samples: list[dict]) 
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def write_report_at_end(trainer, result: dict, **_) -> dict:
+    """Trainer event `run_end` (with `eval.report`): report.md and loss.png on rank 0."""
+    if not trainer.ranks.main:
+        return {}
+    return {"report": str(write_report(trainer.run_dir, trainer.cfg, result, result.get("samples", [])))}

@@ -23,6 +23,7 @@ Not built: RLEF's multi-turn episodes (compiler errors of public tests fed back 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +38,7 @@ from ternchat.eval.engine import generate
 from ternchat.train.errors import RunError
 from ternchat.train.grpo import group_advantages, grpo_loss, token_logprobs
 from ternchat.train.stage import start_stage, step_items
-from ternchat.train.trainer import autocast_for
+from ternchat.train.step import autocast_for, optimizer_step
 from ternchat.verify.humaneval import Problem, score
 from ternchat.verify.sandbox import Limits, Outcome
 
@@ -125,14 +126,19 @@ def rl(parent: Path, out: Path, tasks: Sequence[Problem], overrides: Sequence[st
         if reference is not None:
             with torch.no_grad(), autocast:
                 ref_logprobs = token_logprobs(reference(x), y)
-        with autocast:
-            logits = model(x)
-        loss, stats = grpo_loss(logits, y, mask, advantages.to(device), ref_logprobs=ref_logprobs, kl_coef=r.kl_coef)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        stats = {}
+
+        def objective(x: torch.Tensor) -> torch.Tensor:  # the logits under autocast, the GRPO loss in fp32
+            with autocast:
+                logits = model(x)
+            loss, found = grpo_loss(logits, y, mask, advantages.to(device), ref_logprobs=ref_logprobs,
+                                    kl_coef=r.kl_coef)
+            stats.update(found)
+            return loss
+
+        loss = optimizer_step(objective, model, optimizer, [(x,)], 1, contextlib.nullcontext(), 0.0, device)
         stage.step += 1
-        record = {"step": stage.step, "event": "train", "loss": loss.item(), "mean_reward": rewards.mean().item(),
+        record = {"step": stage.step, "event": "train", "loss": loss, "mean_reward": rewards.mean().item(),
                   "pass_rate": (rewards == 1.0).float().mean().item(), "compile_rate": compiled,
                   "mixed_groups": int(((rewards.max(1).values - rewards.min(1).values) > 0).sum()), **stats}
         stage.metrics.write(**record)

@@ -52,3 +52,12 @@ def schedule(step: int, length: RunLength, warmup: int, kind: str = "wsd") -> tu
         second_stage = length.stage2_start is not None and step >= length.stage2_start
         return (lr * 0.5, 0.0) if second_stage else (lr, 1.0)
     raise ValueError(f"unknown schedule {kind!r}")
+
+
+def switch_stage_on_the_clock(trainer, **_) -> None:
+    """Trainer event `clock` of a time-budgeted `bitnet_two_stage` run: fix the stage switch at the step
+    where the clock passes the middle of the training budget."""
+    budget = trainer.training_budget_seconds()
+    if trainer.length.stage2_start is None and trainer.wall_seconds >= budget / 2:
+        trainer.length.fix_stage2(trainer.step)
+        trainer.metrics.write(step=trainer.step, event="stage2_start", wall_seconds=trainer.wall_seconds)

@@ -22,6 +22,7 @@ metrics.jsonl, the tokenizer, and config.toml whose `trainer.json` says `stage =
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ from ternchat.data.errors import DataError
 from ternchat.model.gpt import GPT
 from ternchat.train.errors import RunError
 from ternchat.train.stage import start_stage, step_items
-from ternchat.train.trainer import autocast_for
+from ternchat.train.step import autocast_for, optimizer_step
 from ternchat.verify.function_data import corpus_conversations
 from ternchat.verify.humaneval import Problem
 
@@ -123,16 +124,12 @@ def sft(parent: Path, out: Path, tasks: Sequence[Problem], corpus_dir: Path | No
     while stage.step < s.steps:
         lr_scale = s.lr_scale * (1 - stage.step / s.steps)
         optimizer.set_schedule(lr_scale)
-        x, y = batch_at(stage.step)
-        with autocast:
-            loss = masked_loss(model, x, y)
-        if not torch.isfinite(loss):
-            raise RunError(f"SFT loss is {loss.item()} at step {stage.step}; lower sft.lr_scale")
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        loss = optimizer_step(lambda x, y: masked_loss(model, x, y), model, optimizer, [batch_at(stage.step)], 1,
+                              autocast, 0.0, device)
+        if not math.isfinite(loss):  # the update was skipped; stop before a checkpoint keeps anything
+            raise RunError(f"SFT loss is {loss} at step {stage.step}; lower sft.lr_scale")
         stage.step += 1
-        losses.append(loss.item())
+        losses.append(loss)
         stage.metrics.write(step=stage.step, event="train", loss=losses[-1], lr_scale=lr_scale)
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")

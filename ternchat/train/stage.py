@@ -1,7 +1,7 @@
 """A post-training stage's run folder: what SFT and RL share.
 
-A stage starts from another run's latest checkpoint (its latent weights, tokenizer and config), may
-apply FIRE at the switch ([fire]), and writes a new run folder: checkpoints in the trainer's format,
+A stage starts from another run's latest checkpoint (its latent weights, tokenizer and config), emits
+the trainer event `stage_switch` (FIRE acts there with [fire] at_sft / at_rl), and writes a new run folder: checkpoints in the trainer's format,
 whose `trainer.json` names the stage and the parent run, metrics.jsonl, the tokenizer and config.toml.
 `ternchat eval`, `sample` and `export` read it like any run. With `resume` it continues from the
 folder's own latest checkpoint (weights, optimizer state and RNG), and metrics past that step are
@@ -25,7 +25,7 @@ from ternchat.optim.factory import CombinedOptimizer, build_optimizer
 from ternchat.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_checkpoint, save_checkpoint
 from ternchat.train.distributed import Ranks
 from ternchat.train.errors import RunError
-from ternchat.train.fire import apply_fire
+from ternchat.train.events import stage_events
 from ternchat.train.metrics import MetricsLog
 
 
@@ -77,12 +77,8 @@ def start_stage(name: str, parent: Path, out: Path, overrides: Sequence[str], re
     _, model, tok, parent_state = load_pretrained(parent)
     saved = out / "config.toml" if resume and (out / "config.toml").exists() else parent / "config.toml"
     cfg = load_config(saved if saved.exists() else None, overrides)
-    fire_report = None
-    if getattr(cfg.fire, f"at_{name}") and not resume:
-        fire_report = apply_fire(model, cfg.fire.mode, cfg.fire.iterations)
-        flipped = fire_report["ternary_codes_flipped"]
-        log(f"FIRE ({cfg.fire.mode}) on {fire_report['matrices']} matrices"
-            + (f": {100 * flipped:.1f}% of the ternary codes flipped" if flipped is not None else ""))
+    switched = {} if resume else stage_events(cfg, name).emit("stage_switch", cfg, model=model, stage=name, log=log)
+    fire_report = switched.get("fire")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     optimizer = build_optimizer(model, cfg.optim, Ranks())

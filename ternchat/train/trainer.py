@@ -1,7 +1,9 @@
 """The training loop: data -> model -> loss -> backward -> optimizer, with evals and checkpoints.
 
 The loop knows the model, the optimizer factory's `CombinedOptimizer` and the schedule, and
-nothing about which optimizer or linear layer runs. A run lives in `runs/<name>/`: the resolved
+nothing about which optimizer or linear layer runs. What happens besides training (samples, the
+compiled Rust evaluation, the report, a schedule's stage switch) is a handler of the events the loop
+emits (train/events.py), chosen from the config. A run lives in `runs/<name>/`: the resolved
 `config.toml`, a copy of the tokenizer, `metrics.jsonl`, `checkpoints/`, `samples/`.
 
 With a time budget instead of a step count (`train.time_limit_min`, `max_steps = 0`), the run
@@ -9,24 +11,20 @@ trains at constant LR after warmup until the wall clock reaches the start of the
 (`1 - warmdown_frac` of 90% of the budget; the rest is left for the final evaluation), then
 fixes the warmdown's step count from the seconds per step measured over all steps so far (each
 session's first step, which compiles, left out; evals and checkpoints included), and
-`bitnet_two_stage` switches stage when the clock passes the middle. Those decisions are saved in
+`bitnet_two_stage` switches stage when the clock passes the middle (a `clock` event handler). Those decisions are saved in
 the checkpoints, so a resumed run repeats the same steps and losses; until they are made, the
 LR does not depend on the run's length, so resuming earlier changes nothing either.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterable
-
 import torch
 from tqdm import tqdm
 
@@ -34,24 +32,21 @@ from ternchat.config import Config, load_config
 from ternchat.data.loader import TokenLoader, make_train_loader
 from ternchat.data.pipeline import prepare_data
 from ternchat.data.shards import shard_paths
-from ternchat.data.tokenizer import Tokenizer
 from ternchat.eval.bpb import evaluate_bpb
-from ternchat.eval.engine import complete
 from ternchat.model.bitlinear import set_training_gemm, to_inference
-from ternchat.model.linear import bf16_native
 from ternchat.model.gpt import GPT, GPTShape
+from ternchat.model.objective import objective_metrics
 from ternchat.optim.factory import CombinedOptimizer, build_optimizer
+from ternchat.train.events import Events, pretraining_events
 from ternchat.train.errors import RunError
 from ternchat.train.activation_checkpointing import apply_activation_checkpointing
 from ternchat.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_checkpoint, save_checkpoint
-from ternchat.train.distributed import (Ranks, barrier, full_model_state, gather_objects, gradients_complete,
-                                        init_distributed, is_sharded, launched_ranks, mean_across_ranks,
-                                        micro_batch_done, model_home, parallelize, shutdown_distributed)
+from ternchat.train.distributed import (Ranks, barrier, full_model_state, gather_objects, init_distributed,
+                                        is_sharded, launched_ranks, model_home, parallelize, shutdown_distributed)
 from ternchat.train.metrics import MetricsLog
 from ternchat.train.schedule import RunLength, schedule
+from ternchat.train.step import autocast_for, optimizer_step
 
-SAMPLE_PROMPTS = ["fn fibonacci(n: u64) -> u64 {", "pub struct Stack<T> {",
-                  "use std::collections::HashMap;\n\nfn main() {"]
 TRAINING_SHARE_OF_BUDGET = 0.9  # of a time budget; the rest is left for the final evals and samples
 
 
@@ -61,13 +56,6 @@ class TrainingError(RunError):
 
 def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def autocast_for(dtype: str, device: torch.device) -> contextlib.AbstractContextManager:
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and bf16_native(device))
-    if use_bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def proc_status_bytes(field: str) -> int | None:
@@ -98,15 +86,6 @@ def compile_if_possible(model: torch.nn.Module, device: torch.device, log) -> to
     return torch.compile(model)
 
 
-def write_samples(model: GPT, tok: Tokenizer, path: Path, max_tokens: int, seed: int) -> list[dict]:
-    samples = [{"prompt": prompt, "completion": complete(model, tok, prompt, max_tokens, temperature=0.8, seed=seed)}
-               for prompt in SAMPLE_PROMPTS]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"### prompt\n```rust\n{s['prompt']}\n```\n### completion\n```rust\n"
-                            f"{s['prompt']}{s['completion']}\n```\n\n" for s in samples))
-    return samples
-
-
 def build_training(cfg: Config, shape: GPTShape, ranks: Ranks, device: torch.device
                    ) -> tuple[GPT, torch.nn.Module, CombinedOptimizer]:
     """The model (seeded), the module to call for its forward (sharded, replicated or itself, with
@@ -121,30 +100,8 @@ def build_training(cfg: Config, shape: GPTShape, ranks: Ranks, device: torch.dev
     return model, parallel_model, build_optimizer(model, cfg.optim, ranks)
 
 
-def optimizer_step(forward: Callable, model: torch.nn.Module, optimizer: CombinedOptimizer,
-                   batches: Iterable[tuple[torch.Tensor, torch.Tensor]], grad_accum: int,
-                   autocast: contextlib.AbstractContextManager, grad_clip: float, device: torch.device) -> float:
-    """One optimizer step over `grad_accum` micro-batches of (inputs, targets); returns the mean loss over
-    the ranks. A non-finite loss skips the update on every rank alike."""
-    total = torch.zeros((), device=device)
-    for x, y in batches:
-        with autocast:
-            loss = forward(x, y) / grad_accum
-        loss.backward()
-        micro_batch_done(model)
-        total += loss.detach()
-    gradients_complete(model)
-    loss_value = mean_across_ranks(total).item()
-    if math.isfinite(loss_value):
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-    optimizer.zero_grad()
-    return loss_value
-
-
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, log=print):
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, log=print, events: Events | None = None):
         self.ranks = launched_ranks()
         self.run_dir, self.log = Path(run_dir), (log if self.ranks.main else lambda *a, **k: None)
         log = self.log
@@ -187,6 +144,8 @@ class Trainer:
         # Wall clock of the loop over all sessions, and the steps timed for the run-length decision.
         self.clock, self.wall_seconds, self.timed_seconds, self.timed_steps = time.perf_counter, 0.0, 0.0, 0
         self._inference: tuple[int | None, GPT | None] = (None, None)
+        self.events = events if events is not None else pretraining_events(cfg)
+        self.samples: list[dict] = []  # the last ones written (samples_when_due)
         if checkpoint is not None:
             self._resume(checkpoint)
         elif self.ranks.main:
@@ -233,7 +192,7 @@ class Trainer:
             "step": self.step, "length": self.length.to_dict(), "tokens_seen": self.tokens_seen,
             "elapsed": self.elapsed, "wall_seconds": self.wall_seconds, "timed_seconds": self.timed_seconds,
             "timed_steps": self.timed_steps, "loader": loader_state,
-            "model_shape": asdict(self.shape), "world_size": self.ranks.world_size})
+            "model_shape": self.shape.to_dict(), "world_size": self.ranks.world_size})
         barrier()
 
     # --- pieces of a step -------------------------------------------------------------------
@@ -273,38 +232,13 @@ class Trainer:
         apply_activation_checkpointing(model, "none")
         return model
 
-    def rust_problems_eval(self) -> dict:
-        """Compile rate and pass@1 of greedy completions of the shipped Rust problems, in the sandbox;
-        skipped, with the reason, where the sandbox cannot isolate the programs (or rustc is missing)."""
-        from ternchat.verify.humaneval import load_problems, score
-        from ternchat.verify.metrics import summarize
-        from ternchat.verify.sandbox import Limits, SandboxUnavailable, checked_isolation
-
-        limits = Limits(allow_unisolated=self.cfg.eval.allow_unisolated)
-        try:
-            checked_isolation(limits)
-        except SandboxUnavailable as err:
-            self.log(f"warning: skipping the compiled evaluation of the shipped Rust problems: {err}")
-            return {}
-        problems = load_problems()
-        model = self.inference_model()
-        completions = {p.name: [complete(model, self.tok, p.prompt, 256, p.stop_tokens, temperature=0.0)]
-                       for p in problems}
-        summary = summarize(score(problems, completions, limits=limits), [1])
-        record = {"rust_pass@1": summary["pass@k"]["pass@1"], "rust_compile_rate": summary["compile_rate"],
-                  "rust_problems": summary["problems"]}
-        self.metrics.write(step=self.step, **record)
-        self.log(f"shipped Rust problems: pass@1 {record['rust_pass@1']:.3f}, compile rate "
-                 f"{record['rust_compile_rate']:.3f} ({summary['problems']} problems, greedy)")
-        return record
+    def training_budget_seconds(self) -> float:
+        return self.cfg.train.time_limit_min * 60 * TRAINING_SHARE_OF_BUDGET
 
     def _follow_the_clock(self) -> None:
-        """With a time budget: fix bitnet's stage switch and the warmdown when the clock reaches them."""
+        """With a time budget: fix the warmdown when the clock reaches it."""
         t = self.cfg.train
-        budget = t.time_limit_min * 60 * TRAINING_SHARE_OF_BUDGET
-        if t.schedule == "bitnet_two_stage" and self.length.stage2_start is None and self.wall_seconds >= budget / 2:
-            self.length.fix_stage2(self.step)
-            self.metrics.write(step=self.step, event="stage2_start", wall_seconds=self.wall_seconds)
+        budget = self.training_budget_seconds()
         if self.wall_seconds < (1 - t.warmdown_frac) * budget:
             return
         per_step = (self.timed_seconds / self.timed_steps if self.timed_steps
@@ -316,7 +250,7 @@ class Trainer:
         self.log(f"{per_step:.2f} s per step over {self.timed_steps} steps: the {t.time_limit_min:g}-minute budget "
                  f"ends after {self.length.total} steps ({warmdown} of warmdown from step {self.step})")
 
-    def _due(self, every: int) -> bool:
+    def due(self, every: int) -> bool:
         return self.step == self.length.total or (every > 0 and self.step % every == 0)
 
     # --- the loop ---------------------------------------------------------------------------
@@ -327,7 +261,7 @@ class Trainer:
         tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.seq_len * self.ranks.world_size
         bar = tqdm(total=self.length.total, initial=self.step, desc="train", unit="step", file=sys.stderr,
                    disable=not self.ranks.main)
-        bad_steps, last_val, samples, start = 0, {}, [], time.perf_counter()
+        bad_steps, last_val, start = 0, {}, time.perf_counter()
         first_of_session = True
         while self.length.total is None or self.step < self.length.total:
             iteration_start = self.clock()
@@ -350,16 +284,15 @@ class Trainer:
                 tok_s = tokens_per_step / max(step_seconds, 1e-9)
                 self.metrics.write(step=self.step, loss=loss, lr_scale=self.lr_scale, tokens=self.tokens_seen,
                                    tok_s=tok_s, elapsed_s=self.elapsed, data_wait_s=waited,
-                                   peak_memory_bytes=peak_memory_bytes(self.device), **self.model.objective_metrics())
+                                   peak_memory_bytes=peak_memory_bytes(self.device), **objective_metrics(self.model))
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
-                if self._due(e.every_steps):
+                if self.due(e.every_steps):
                     last_val = self.evaluate()
                     self.metrics.write(step=self.step, **last_val)
                     bar.write(f"step {self.step}: val loss {last_val['val_loss']:.4f}, "
                               f"val bpb {last_val['val_bpb']:.4f}")
-                if self._due(e.sample_every) and (model := self.inference_model()) is not None:
-                    samples = write_samples(model, self.tok, self.run_dir / "samples" / f"step_{self.step:06d}.md",
-                                            e.sample_tokens, seed=t.seed)
+                    self.events.emit("eval", self, measured=last_val)
+                self.events.emit("step_end", self, loss=loss)
             bar.update(1)
             iteration = self.clock() - iteration_start
             self.wall_seconds += iteration
@@ -368,24 +301,24 @@ class Trainer:
                 self.timed_steps += 1
             first_of_session = False
             if self.length.total is None:
+                self.events.emit("clock", self)
                 self._follow_the_clock()
                 if self.length.total is not None:
                     bar.total = self.length.total  # keeps the bar's own clock, so its rate stays true
                     bar.refresh()
-            if self._due(t.checkpoint_every) and bad_steps == 0:
+            if self.due(t.checkpoint_every) and bad_steps == 0:
                 self._checkpoint()
+                self.events.emit("checkpoint", self)
         bar.close()
         self.train_loader.close()
-        compiled = {}
-        if e.rust_problems:
-            self.inference_model()  # gathering a sharded model takes every rank
-            compiled = self.rust_problems_eval() if self.ranks.main else {}
-        wall = time.perf_counter() - start
-        return {"steps": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.elapsed,
-                "wall_seconds_this_session": wall, "tok_s": self.tokens_seen / max(self.elapsed, 1e-9),
-                "peak_memory_bytes": peak_memory_bytes(self.device), **last_val,
-                "parameters": self.model.parameter_counts(), "device": str(self.device), "samples": samples,
-                **compiled}
+        result = {"steps": self.step, "tokens_seen": self.tokens_seen, "train_seconds": self.elapsed,
+                  "tok_s": self.tokens_seen / max(self.elapsed, 1e-9), **last_val,
+                  "peak_memory_bytes": peak_memory_bytes(self.device),
+                  "parameters": self.model.parameter_counts(), "device": str(self.device), "samples": self.samples}
+        self.events.fold("run_end", self, result)
+        result.update(wall_seconds_this_session=time.perf_counter() - start,
+                      peak_memory_bytes=peak_memory_bytes(self.device))
+        return result
 
 
 def resolve_run(config_path: str | None, overrides: list[str], run_dir: str | None, resume: bool) -> tuple[Config, Path]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -83,3 +84,23 @@ def verify_corpus(corpus_dir: Path, cache_dir: Path, limit: int = 0, workers: in
             f.write(json.dumps({"split": split, "crate": crate, "path": path, "edition": edition, "sha256": sha,
                                 **result}) + "\n")
     return {"files": len(docs), "checked_now": len(todo), **counts, "bytes": tag_bytes}
+
+
+def verify_configured_corpus(cfg, limit: int = 0, force: bool = False, allow_unisolated: bool = False,
+                             log=print) -> dict:
+    """`ternchat data verify`: build (or find) the config's corpus and tag its files; the counts per tag."""
+    from ternchat.data.pipeline import prepare_data
+    from ternchat.paths import ternchat_home
+    from ternchat.verify.sandbox import checked_isolation
+
+    limits = Limits(allow_unisolated=allow_unisolated or cfg.eval.allow_unisolated)
+    checked_isolation(limits)
+    corpus_dir = prepare_data(cfg, until="corpus", force=force).corpus_dir
+    start = time.perf_counter()
+    counts = verify_corpus(corpus_dir, ternchat_home() / "verify", limit, cfg.data.workers, limits=limits)
+    total = sum(counts["bytes"].values()) or 1
+    log(f"compile tags of {counts['files']} files ({counts['checked_now']} checked now in "
+        f"{time.perf_counter() - start:.0f} s): "
+        + ", ".join(f"{tag} {counts[tag]} ({100 * counts['bytes'][tag] / total:.1f}% of bytes)" for tag in TAGS)
+        + f" -> {corpus_dir / 'compile_tags.jsonl'}")
+    return counts

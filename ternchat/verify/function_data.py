@@ -197,3 +197,30 @@ def write_functions(functions: Sequence[DocumentedFunction], out: Path) -> None:
 def read_functions(path: Path) -> list[DocumentedFunction]:
     with open(path, encoding="utf-8") as f:
         return [DocumentedFunction(**{**row, "examples": tuple(row["examples"])}) for row in map(json.loads, f)]
+
+
+def mine_configured_corpus(cfg, against: Sequence[str | Path] = (), check: int = 0, force: bool = False,
+                           allow_unisolated: bool = False, log=print) -> dict:
+    """`ternchat data functions`: mine the config's corpus and, with `check`, compile a sample of each kind."""
+    import time
+
+    from ternchat.data.pipeline import prepare_data
+    from ternchat.verify.sandbox import checked_isolation
+
+    corpus_dir = prepare_data(cfg, until="corpus", force=force).corpus_dir
+    start = time.perf_counter()
+    mined = mine_corpus(corpus_dir, against)
+    log(f"documented functions in the train split: {mined['found']:,} found, {mined['dropped']:,} "
+        f"dropped as resembling one of {mined['evaluation_problems']} evaluation problems, {mined['kept']:,} kept "
+        f"({mined['with_examples']:,} with doc-test examples, {mined['examples']:,} examples) in "
+        f"{time.perf_counter() - start:.0f} s -> {mined['out']}")
+    if check:
+        limits = Limits(allow_unisolated=allow_unisolated or cfg.eval.allow_unisolated)
+        checked_isolation(limits)
+        mined["checked"] = check_sample(mined["functions"], check, workers=cfg.data.workers or 2, limits=limits)
+        for kind, r in mined["checked"].items():
+            share = r["compiles"] / r["checked"] if r["checked"] else 0.0
+            codes = ", ".join(f"{code} {n}" for code, n in r["top_error_codes"]) or "none"
+            log(f"  {kind}: {r['compiles']} of a sample of {r['checked']} compile alone ({100 * share:.0f}%); "
+                f"most frequent rustc errors: {codes}")
+    return mined

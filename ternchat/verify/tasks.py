@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from ternchat.verify.humaneval import Problem, score
-from ternchat.verify.sandbox import Limits
+from ternchat.verify.humaneval import Problem, load_problems, score
+from ternchat.verify.sandbox import Limits, checked_isolation
 
 MAX_SIMILARITY = 0.4
 TESTS_PER_TASK = 6
@@ -285,3 +285,33 @@ def build_training_tasks(out: Path, against: Sequence[str | Path] = (), workers:
     tmp.replace(out)
     return {"generated": len(tasks), "evaluation_problems": len(evaluation), "kept": len(good),
             "dropped_as_duplicates": dropped, "failed_verification": failed, "out": str(out)}
+
+
+def default_tasks_file() -> Path:
+    from ternchat.paths import ternchat_home
+
+    return ternchat_home() / "tasks" / "train_tasks.jsonl"
+
+
+def build_tasks_file(out: Path, against: Sequence[str], workers: int, allow_unisolated: bool, log=print) -> dict:
+    """`ternchat tasks`: build, check and write the training tasks, saying which were dropped and why."""
+
+    limits = Limits(allow_unisolated=allow_unisolated)
+    log(f"sandbox: {checked_isolation(limits).describe()}")
+    report = build_training_tasks(out, against, workers, limits=limits)
+    for name, why in {**report["dropped_as_duplicates"], **report["failed_verification"]}.items():
+        log(f"  dropped {name}: {why}")
+    log(f"{report['kept']} of {report['generated']} tasks kept -> {out}")
+    return report
+
+
+def training_tasks(path: Path | None, allow_unisolated: bool, log=print) -> list[Problem]:
+    """The tasks of `path`, or of the default file, which is built on first use."""
+    from ternchat.data.errors import DataError
+
+    tasks_file = path or default_tasks_file()
+    if not tasks_file.exists():
+        if path:
+            raise DataError(f"no tasks file at {tasks_file}; make one with ternchat tasks --out {tasks_file}")
+        build_tasks_file(tasks_file, [], 0, allow_unisolated, log)
+    return load_problems(tasks_file)

@@ -1,0 +1,75 @@
+"""`ternchat eval humaneval-rust`: completions from a model, a file or the problems' own solutions,
+compiled and run in the rustc sandbox, summarized as pass@k, compile rate and rustc error codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from ternchat.verify.humaneval import load_problem_set, references, score
+from ternchat.verify.inputs import read_completions
+from ternchat.verify.metrics import summarize, write_reports
+from ternchat.verify.sandbox import Limits, checked_isolation
+
+
+def model_completions(run: Path, problems: Sequence, samples: int, temperature: float | None, max_tokens: int,
+                      seed: int, chat: bool | None, experiences: Path | None, log=print) -> dict[str, list[str]]:
+    """`samples` completions per problem from the model at `run` (a run folder or packed file): greedy for one
+    sample unless a temperature is given, else T = 0.2; in the chat format for post-trained models."""
+    from ternchat.eval.engine import chat_reply, complete
+    from ternchat.runs import load_model_and_tokenizer, run_stage
+    from ternchat.train.tfgrpo import Library, messages_with
+
+    model, tok = load_model_and_tokenizer(run)
+    temperature = 0.0 if samples == 1 and temperature is None else (temperature or 0.2)
+    chat = chat if chat is not None else (run_stage(run) != "pretrain" or bool(experiences))
+    library = Library.load(experiences) if experiences else Library()
+    log(f"prompting {'in the chat format (the task as the user turn)' if chat else 'by plain completion'}"
+        + (f", with {len(library.experiences)} experiences as the system message" if experiences else ""))
+
+    def sample(p, seed: int) -> str:
+        if chat:
+            return chat_reply(model, tok, messages_with(library, p), max_tokens, p.stop_tokens,
+                              temperature=temperature, seed=seed)
+        return complete(model, tok, p.prompt, max_tokens, p.stop_tokens, temperature=temperature, seed=seed)
+
+    return {p.name: [sample(p, seed + i) for i in range(samples)]
+            for p in tqdm(problems, desc="generate", unit="problem")}
+
+
+def evaluate(problems_source: str, *, run: Path | None = None, completions_file: Path | None = None,
+             strict: bool = False, samples: int = 1, ks: Sequence[int] = (1,), temperature: float | None = None,
+             max_tokens: int = 256, seed: int = 0, workers: int = 0, out: Path | None = None,
+             experiences: Path | None = None, chat: bool | None = None, allow_unisolated: bool = False,
+             log=print) -> dict:
+    """Score `run`'s completions, a completions file's, or (neither) the canonical solutions; write the
+    reports to `out` and return the summary (with `out`)."""
+    problem_set = load_problem_set(problems_source, strict)  # malformed files stop here, before anything runs
+    problems = problem_set.problems
+    given = read_completions(completions_file, [p.name for p in problems]) if completions_file else None
+    limits = Limits(allow_unisolated=allow_unisolated)
+    iso = checked_isolation(limits)  # refuse before spending time on generation
+    if given is not None:
+        completions = given
+        out = out or Path("eval") / completions_file.stem
+    elif run is None:  # the problems' canonical solutions: does the dataset check out?
+        completions = references(problems)
+        out = out or Path("eval") / f"{Path(str(problems_source)).stem}_canonical"
+    else:
+        completions = model_completions(run, problems, samples, temperature, max_tokens, seed, chat, experiences, log)
+        out = out or Path(run if run.is_dir() else run.parent) / "eval_humaneval_rust"
+    log(f"sandbox: {iso.describe()}")
+    bar = tqdm(total=sum(len(v) for v in completions.values()), desc="compile+run", unit="sample")
+    results = score(problems, completions, workers=workers, limits=limits, progress=bar.update,
+                    cut=run is not None or completions_file is not None)
+    bar.close()
+    summary = summarize(results, list(ks), skipped=problem_set.skipped)
+    write_reports(results, summary, out, f"HumanEval-Rust ({problems_source})")
+    log(", ".join(f"{k} {v:.3f}" for k, v in summary["pass@k"].items())
+        + f", compile rate {summary['compile_rate']:.3f}, semantic correctness "
+          f"{summary['semantic_correctness']:.3f}; outcomes {summary['outcomes']}"
+        + (f"; {len(problem_set.skipped)} problem(s) skipped as unscorable" if problem_set.skipped else "")
+        + f" -> {out}")
+    return {**summary, "out": str(out)}
