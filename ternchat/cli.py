@@ -219,7 +219,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     evaluate(args.problems, run=args.run, completions_file=args.completions, strict=args.strict,
              samples=args.samples, ks=[int(k) for k in args.k.split(",")], temperature=args.temperature,
              max_tokens=args.max_tokens, seed=args.seed, workers=args.workers, out=args.out,
-             experiences=args.experiences, chat=args.chat, allow_unisolated=args.allow_unisolated)
+             experiences=args.experiences, chat=args.chat, allow_unisolated=args.allow_unisolated, top_p=args.top_p)
     return 0
 
 
@@ -530,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1, help="completions per problem")
     p.add_argument("--k", default="1", help="comma-separated k of pass@k, e.g. 1,10")
     p.add_argument("--temperature", type=float, default=None, help="default: greedy for 1 sample, else 0.2")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling's p when sampling (1 = off)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="parallel sandboxes (default: all cores)")

@@ -8,16 +8,18 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from ternchat.verify.humaneval import load_problem_set, references, score
+from ternchat.verify.humaneval import build_program, load_problem_set, references, score, stop_at_stop_tokens
 from ternchat.verify.inputs import read_completions
 from ternchat.verify.metrics import summarize, write_reports
 from ternchat.verify.sandbox import Limits, checked_isolation
 
 
 def model_completions(run: Path, problems: Sequence, samples: int, temperature: float | None, max_tokens: int,
-                      seed: int, chat: bool | None, experiences: Path | None, log=print) -> dict[str, list[str]]:
+                      seed: int, chat: bool | None, experiences: Path | None, top_p: float = 0.95,
+                      log=print) -> tuple[dict[str, list[str]], dict]:
     """`samples` completions per problem from the model at `run` (a run folder or packed file): greedy for one
-    sample unless a temperature is given, else T = 0.2; in the chat format for post-trained models."""
+    sample unless a temperature is given, else T = 0.2; in the chat format for post-trained models. Also
+    the settings they were made with."""
     from ternchat.eval.engine import chat_reply, complete
     from ternchat.runs import load_model_and_tokenizer, run_stage
     from ternchat.train.tfgrpo import Library, messages_with
@@ -32,18 +34,24 @@ def model_completions(run: Path, problems: Sequence, samples: int, temperature: 
     def sample(p, seed: int) -> str:
         if chat:
             return chat_reply(model, tok, messages_with(library, p), max_tokens, p.stop_tokens,
-                              temperature=temperature, seed=seed)
-        return complete(model, tok, p.prompt, max_tokens, p.stop_tokens, temperature=temperature, seed=seed)
+                              temperature=temperature, top_p=top_p, seed=seed)
+        return complete(model, tok, p.prompt, max_tokens, p.stop_tokens, temperature=temperature, top_p=top_p,
+                        seed=seed)
 
-    return {p.name: [sample(p, seed + i) for i in range(samples)]
-            for p in tqdm(problems, desc="generate", unit="problem")}
+    completions = {p.name: [sample(p, seed + i) for i in range(samples)]
+                   for p in tqdm(problems, desc="generate", unit="problem")}
+    settings = {"model": str(run), "samples per problem": samples,
+                "temperature": temperature if temperature > 0 else "0 (greedy)",
+                "top-p": top_p if temperature > 0 else "-", "max tokens": max_tokens, "seed": seed,
+                "prompt": "chat format" if chat else "plain completion", "stop": "the problem's stop tokens"}
+    return completions, settings
 
 
 def evaluate(problems_source: str, *, run: Path | None = None, completions_file: Path | None = None,
              strict: bool = False, samples: int = 1, ks: Sequence[int] = (1,), temperature: float | None = None,
              max_tokens: int = 256, seed: int = 0, workers: int = 0, out: Path | None = None,
              experiences: Path | None = None, chat: bool | None = None, allow_unisolated: bool = False,
-             log=print) -> dict:
+             top_p: float = 0.95, log=print) -> dict:
     """Score `run`'s completions, a completions file's, or (neither) the canonical solutions; write the
     reports to `out` and return the summary (with `out`)."""
     problem_set = load_problem_set(problems_source, strict)  # malformed files stop here, before anything runs
@@ -52,24 +60,31 @@ def evaluate(problems_source: str, *, run: Path | None = None, completions_file:
     limits = Limits(allow_unisolated=allow_unisolated)
     iso = checked_isolation(limits)  # refuse before spending time on generation
     if given is not None:
-        completions = given
+        completions, settings = given, {"completions": str(completions_file)}
         out = out or Path("eval") / completions_file.stem
     elif run is None:  # the problems' canonical solutions: does the dataset check out?
-        completions = references(problems)
+        completions, settings = references(problems), {"completions": "the problems' canonical solutions"}
         out = out or Path("eval") / f"{Path(str(problems_source)).stem}_canonical"
     else:
-        completions = model_completions(run, problems, samples, temperature, max_tokens, seed, chat, experiences, log)
+        completions, settings = model_completions(run, problems, samples, temperature, max_tokens, seed, chat,
+                                                  experiences, top_p, log)
         out = out or Path(run if run.is_dir() else run.parent) / "eval_humaneval_rust"
+    cut = run is not None or completions_file is not None
+    by_name = {p.name: p for p in problems}
+    bodies = {name: [stop_at_stop_tokens(c, by_name[name].stop_tokens) if cut else c for c in cs]
+              for name, cs in completions.items()}
+    programs = {name: [build_program(by_name[name], c, cut) for c in cs] for name, cs in completions.items()}
     log(f"sandbox: {iso.describe()}")
     bar = tqdm(total=sum(len(v) for v in completions.values()), desc="compile+run", unit="sample")
-    results = score(problems, completions, workers=workers, limits=limits, progress=bar.update,
-                    cut=run is not None or completions_file is not None)
+    results = score(problems, completions, workers=workers, limits=limits, progress=bar.update, cut=cut)
     bar.close()
-    summary = summarize(results, list(ks), skipped=problem_set.skipped)
-    write_reports(results, summary, out, f"HumanEval-Rust ({problems_source})")
+    summary = summarize(results, list(ks), skipped=problem_set.skipped, bodies=bodies, settings=settings)
+    write_reports(results, summary, out, f"HumanEval-Rust ({problems_source})", bodies, programs)
     log(", ".join(f"{k} {v:.3f}" for k, v in summary["pass@k"].items())
         + f", compile rate {summary['compile_rate']:.3f}, semantic correctness "
-          f"{summary['semantic_correctness']:.3f}; outcomes {summary['outcomes']}"
+          f"{summary['semantic_correctness']:.3f}, placeholder bodies {summary['placeholder_share']:.3f} "
+          f"(compile rate without them {summary['compile_rate_without_placeholders']:.3f}); outcomes "
+          f"{summary['outcomes']}"
         + (f"; {len(problem_set.skipped)} problem(s) skipped as unscorable" if problem_set.skipped else "")
         + f" -> {out}")
     return {**summary, "out": str(out)}

@@ -154,6 +154,18 @@ def stop_at_stop_tokens(completion: str, stop_tokens: Sequence[str]) -> str:
     return completion[:cut]
 
 
+# A body that only defers the work: it may compile, but says nothing about the model that wrote it.
+_PLACEHOLDER = re.compile(r"\s*(?:(?:todo|unimplemented|unreachable|panic)!\s*\((?:[^()]|\([^()]*\))*\)"
+                          r"|(?:<[^<>]*>::)?(?:[A-Za-z_]\w*(?:::<[^<>]*>)?::)*default\(\s*\))\s*;?\s*\}?\s*", re.S)
+_COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
+
+
+def is_placeholder(body: str) -> bool:
+    """Whether a completion's body (cut at its stop tokens) is only `todo!()`, `unimplemented!()`,
+    `unreachable!()`, `panic!(..)`, `Default::default()` or a type's `::default()`, or empty."""
+    return _PLACEHOLDER.fullmatch(_COMMENT.sub("", body)) is not None or not _COMMENT.sub("", body).strip(" \n\t}")
+
+
 def build_program(problem: Problem, completion: str, cut: bool = True) -> str:
     """The program for one completion; `cut=False` keeps it whole (canonical solutions)."""
     body = stop_at_stop_tokens(completion, problem.stop_tokens) if cut else completion

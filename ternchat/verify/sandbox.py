@@ -92,6 +92,7 @@ class Outcome:
     stderr: str = ""
     error_codes: list[str] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)  # rustc's errors, or why the class was given
+    rendered: dict[str, str] = field(default_factory=dict)  # error code -> rustc's full text of its first error
     compile_seconds: float = 0.0
     run_seconds: float = 0.0
     signal: int | None = None  # the signal that ended the process, from its wait status
@@ -412,9 +413,10 @@ def _kill(proc: subprocess.Popen) -> None:
         pass
 
 
-def parse_diagnostics(stderr: str) -> tuple[list[str], list[str]]:
-    """Error codes (E0308, ...) and messages of rustc's JSON diagnostics, errors only."""
-    codes, messages = [], []
+def parse_diagnostics(stderr: str) -> tuple[list[str], list[str], dict[str, str]]:
+    """Error codes (E0308, ...) and messages of rustc's JSON diagnostics, errors only, and rustc's rendered
+    text (message, source span, notes) of the first error of each code."""
+    codes, messages, rendered = [], [], {}
     for line in stderr.splitlines():
         if not line.startswith("{"):
             continue
@@ -430,7 +432,8 @@ def parse_diagnostics(stderr: str) -> tuple[list[str], list[str]]:
         messages.append(message)
         if diag.get("code"):
             codes.append(diag["code"]["code"])
-    return codes, messages
+            rendered.setdefault(codes[-1], diag.get("rendered") or message)
+    return codes, messages, rendered
 
 
 def _decode(data: bytes, limit: int | None = 20_000) -> str:
@@ -541,12 +544,12 @@ def _rustc(box: _Confinement, args: Sequence[str], env: dict[str, str] | None = 
         return failed("compile_error", f"rustc was killed by {_signal_name(ending.signal)}", stderr=_decode(err))
     if ending.exit_code == 0:
         return Outcome("ok", "compile", 0, compile_seconds=seconds)
-    codes, messages = parse_diagnostics(text)
+    codes, messages, rendered = parse_diagnostics(text)
     if not messages:  # an internal compiler error, or rustc stopped some other way: keep what it said
         return failed("compile_error", f"rustc failed with exit status {ending.exit_code} and no diagnostic",
                       stderr=_decode(err))
     return Outcome("compile_error", "compile", ending.exit_code, error_codes=codes, messages=messages,
-                   compile_seconds=seconds)
+                   rendered=rendered, compile_seconds=seconds)
 
 
 def remove_tree(root: Path) -> None:
