@@ -15,6 +15,7 @@ from ternchat.model.looped import LoopShape
 from ternchat.model.mhc import HyperShape
 from ternchat.model.mtp import MTPShape
 
+FLAT_PREFIXES = ("mtp", "mhc", "loop", "fp4", "collider")  # the flat layout's technique fields: mtp_kind, ...
 TECHNIQUE_SHAPES = {"mtp": MTPShape, "mhc": HyperShape, "loop": LoopShape, "precision": PrecisionShape,
                     "collider": ColliderShape}
 
@@ -55,7 +56,7 @@ class GPTShape:
     def from_dict(cls, d: dict) -> "GPTShape":
         """The shape `to_dict` wrote (checkpoints, packed files), or one of the flat layout files written
         before techniques had shapes of their own (`mtp_kind`, `mhc_streams`, ...)."""
-        if any("_" in key and key.split("_")[0] in ("mtp", "mhc", "loop", "fp4", "collider") for key in d):
+        if any("_" in key and key.split("_")[0] in FLAT_PREFIXES for key in d):
             d = _nested(d)
         techniques = {name: kind(**d[name]) if d.get(name) is not None else None
                       for name, kind in TECHNIQUE_SHAPES.items()}
@@ -80,7 +81,7 @@ class GPTShape:
 
 def _nested(flat: dict) -> dict:
     """A shape dict of the flat layout as the nested one."""
-    plain = {k: v for k, v in flat.items() if k.split("_")[0] not in ("mtp", "mhc", "loop", "fp4", "collider")}
+    plain = {k: v for k, v in flat.items() if k.split("_")[0] not in FLAT_PREFIXES}
     get = flat.get
     if get("mtp_kind", "none") != "none":
         plain["mtp"] = dict(kind=flat["mtp_kind"], n_future=flat["mtp_n_future"], weights=flat["mtp_weights"])

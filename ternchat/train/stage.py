@@ -1,8 +1,9 @@
 """A post-training stage's run folder: what SFT and RL share.
 
 A stage starts from another run's latest checkpoint (its latent weights, tokenizer and config), emits
-the trainer event `stage_switch` (FIRE acts there with [fire] at_sft / at_rl), and writes a new run folder: checkpoints in the trainer's format,
-whose `trainer.json` names the stage and the parent run, metrics.jsonl, the tokenizer and config.toml.
+the trainer event `stage_switch` (FIRE acts there with [fire] at_sft / at_rl), and writes a new run
+folder: checkpoints in the trainer's format, whose `trainer.json` names the stage and the parent run,
+metrics.jsonl, the tokenizer and config.toml.
 `ternchat eval`, `sample` and `export` read it like any run. With `resume` it continues from the
 folder's own latest checkpoint (weights, optimizer state and RNG), and metrics past that step are
 dropped, since the run repeats them.
