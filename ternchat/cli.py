@@ -219,7 +219,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     evaluate(args.problems, run=args.run, completions_file=args.completions, strict=args.strict,
              samples=args.samples, ks=[int(k) for k in args.k.split(",")], temperature=args.temperature,
              max_tokens=args.max_tokens, seed=args.seed, workers=args.workers, out=args.out,
-             experiences=args.experiences, chat=args.chat, allow_unisolated=args.allow_unisolated, top_p=args.top_p)
+             experiences=args.experiences, chat=args.chat, allow_unisolated=args.allow_unisolated, top_p=args.top_p,
+             batch_size=args.batch_size)
     return 0
 
 
@@ -484,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optim-steps", type=int, default=100,
                    help="optim, sweep, dist, mtp, arch, precision, collider, loader: training steps per run")
     p.add_argument("--decode-tokens", type=int, default=128,
-                   help="mtp: tokens decoded per sample prompt; decode: tokens decoded per variant")
+                   help="mtp: tokens decoded per sample prompt; decode: tokens decoded per variant; "
+                        "batched: tokens per completion")
     p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
                    help="sweep: values to try for one key (repeatable; the runs cover every combination)")
     p.add_argument("--out-dir", type=Path, default=Path("bench_optim"), help="optim: folder for JSON and PNG")
@@ -531,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", default="1", help="comma-separated k of pass@k, e.g. 1,10")
     p.add_argument("--temperature", type=float, default=None, help="default: greedy for 1 sample, else 0.2")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling's p when sampling (1 = off)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="completions generated together (1 = one at a time; a looped model with Q-exit decodes "
+                        "one at a time)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="parallel sandboxes (default: all cores)")

@@ -16,11 +16,12 @@ from ternchat.verify.sandbox import Limits, checked_isolation
 
 def model_completions(run: Path, problems: Sequence, samples: int, temperature: float | None, max_tokens: int,
                       seed: int, chat: bool | None, experiences: Path | None, top_p: float = 0.95,
-                      log=print) -> tuple[dict[str, list[str]], dict]:
-    """`samples` completions per problem from the model at `run` (a run folder or packed file): greedy for one
-    sample unless a temperature is given, else T = 0.2; in the chat format for post-trained models. Also
-    the settings they were made with."""
-    from ternchat.eval.engine import chat_reply, complete
+                      batch_size: int = 8, log=print) -> tuple[dict[str, list[str]], dict]:
+    """`samples` completions per problem from the model at `run` (a run folder or packed file), sample i
+    seeded `seed + i`: greedy for one sample unless a temperature is given, else T = 0.2; in the chat
+    format for post-trained models; `batch_size` at a time. Also the settings they were made with."""
+    from ternchat.data.chat import completion_prompt
+    from ternchat.eval.engine import chat_reply, complete, complete_batch, decodes_in_batches
     from ternchat.runs import load_model_and_tokenizer, run_stage
     from ternchat.train.tfgrpo import Library, messages_with
 
@@ -30,20 +31,33 @@ def model_completions(run: Path, problems: Sequence, samples: int, temperature: 
     library = Library.load(experiences) if experiences else Library()
     log(f"prompting {'in the chat format (the task as the user turn)' if chat else 'by plain completion'}"
         + (f", with {len(library.experiences)} experiences as the system message" if experiences else ""))
+    jobs = [(p, seed + i) for p in problems for i in range(samples)]
+    if batch_size > 1 and decodes_in_batches(model):
+        prompts = [completion_prompt(messages_with(library, p), tok) if chat else tok.encode(p.prompt) for p, _ in jobs]
+        stop_ids = [tok.special("<|assistant_end|>"), tok.eod_id] if chat else [tok.eod_id]
+        texts = []
+        for start in tqdm(range(0, len(jobs), batch_size), desc=f"generate (batches of {batch_size})", unit="batch"):
+            chunk = jobs[start:start + batch_size]
+            texts += complete_batch(model, tok, prompts[start:start + batch_size], max_tokens,
+                                    [p.stop_tokens for p, _ in chunk], stop_ids, temperature=temperature, top_p=top_p,
+                                    seeds=[s for _, s in chunk], batch_size=batch_size)
+    else:
+        def sample(p, seed: int) -> str:
+            if chat:
+                return chat_reply(model, tok, messages_with(library, p), max_tokens, p.stop_tokens,
+                                  temperature=temperature, top_p=top_p, seed=seed)
+            return complete(model, tok, p.prompt, max_tokens, p.stop_tokens, temperature=temperature, top_p=top_p,
+                            seed=seed)
 
-    def sample(p, seed: int) -> str:
-        if chat:
-            return chat_reply(model, tok, messages_with(library, p), max_tokens, p.stop_tokens,
-                              temperature=temperature, top_p=top_p, seed=seed)
-        return complete(model, tok, p.prompt, max_tokens, p.stop_tokens, temperature=temperature, top_p=top_p,
-                        seed=seed)
-
-    completions = {p.name: [sample(p, seed + i) for i in range(samples)]
-                   for p in tqdm(problems, desc="generate", unit="problem")}
+        texts = [sample(p, s) for p, s in tqdm(jobs, desc="generate", unit="completion")]
+    completions: dict[str, list[str]] = {p.name: [] for p in problems}
+    for (p, _), text in zip(jobs, texts):
+        completions[p.name].append(text)
     settings = {"model": str(run), "samples per problem": samples,
                 "temperature": temperature if temperature > 0 else "0 (greedy)",
                 "top-p": top_p if temperature > 0 else "-", "max tokens": max_tokens, "seed": seed,
-                "prompt": "chat format" if chat else "plain completion", "stop": "the problem's stop tokens"}
+                "prompt": "chat format" if chat else "plain completion", "stop": "the problem's stop tokens",
+                "batch": batch_size}
     return completions, settings
 
 
@@ -51,7 +65,7 @@ def evaluate(problems_source: str, *, run: Path | None = None, completions_file:
              strict: bool = False, samples: int = 1, ks: Sequence[int] = (1,), temperature: float | None = None,
              max_tokens: int = 256, seed: int = 0, workers: int = 0, out: Path | None = None,
              experiences: Path | None = None, chat: bool | None = None, allow_unisolated: bool = False,
-             top_p: float = 0.95, log=print) -> dict:
+             top_p: float = 0.95, batch_size: int = 8, log=print) -> dict:
     """Score `run`'s completions, a completions file's, or (neither) the canonical solutions; write the
     reports to `out` and return the summary (with `out`)."""
     problem_set = load_problem_set(problems_source, strict)  # malformed files stop here, before anything runs
@@ -67,7 +81,7 @@ def evaluate(problems_source: str, *, run: Path | None = None, completions_file:
         out = out or Path("eval") / f"{Path(str(problems_source)).stem}_canonical"
     else:
         completions, settings = model_completions(run, problems, samples, temperature, max_tokens, seed, chat,
-                                                  experiences, top_p, log)
+                                                  experiences, top_p, batch_size, log)
         out = out or Path(run if run.is_dir() else run.parent) / "eval_humaneval_rust"
     cut = run is not None or completions_file is not None
     by_name = {p.name: p for p in problems}

@@ -112,6 +112,12 @@ def _mtp(args: argparse.Namespace) -> dict:
     return bench_mtp(args.config, args.overrides, args.optim_steps, args.decode_tokens)
 
 
+def _batched(args: argparse.Namespace) -> dict:
+    from ternchat.bench.batched_bench import bench_batched
+
+    return bench_batched(args.decode_tokens)
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     "train": Benchmark("tokens/s and peak memory of a dense fp32 AdamW baseline, dense bf16 compiled and ternchat's "
                        "ternary Muon model (eager and compiled) at the config's shape", _train,
@@ -145,6 +151,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                       "5 Newton-Schulz steps)", _fire, "fire_bench:format_fire"),
     "decode": Benchmark("batch-1 decoding tok/s and peak memory: dense bf16, ternary float and int8 kernels, "
                         "llama.cpp TQ2_0/TQ1_0", _decode, "decode_bench:format_decode"),
+    "batched": Benchmark("completions/s of batched decoding at batch 1, 8 and 32 against one completion at a time "
+                         "(the ~125M shape, int8 kernel)", _batched, "batched_bench:format_batched"),
 }
 
 

@@ -4,6 +4,11 @@ self-speculative decoding for models with multi-token prediction.
 The prompt is run once to fill the cache; each new token then costs one single-position forward
 pass. Sampling draws from a seeded `torch.Generator`, so a seeded call is reproducible.
 
+Batched decoding (`generate_batch`, `complete_batch`): prompts of different lengths are left-padded to
+one length and the cache hides the padding from every query (`KVCache.padding`); rotary attention
+depends on relative positions only, so a row sees what it would alone, up to floating-point rounding
+(greedy outputs may differ only at near ties). Each row has its own seeded generator and its own stops.
+
 Self-speculative decoding (`speculative=True`, a model trained with `[mtp]`): the token after the
 last one fed is chosen from the main head as usual; the MTP heads or modules draft the `n_future`
 tokens after it; one forward of the main model over the chosen token and the drafts verifies them,
@@ -23,7 +28,7 @@ later tokens can attend to it; q = 1 runs every pass. Speculative decoding verif
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -125,6 +130,60 @@ def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temperat
         if cache.pos >= cache.max_len:
             return
         logits = step([token])
+
+
+def decodes_in_batches(model: GPT) -> bool:
+    """Whether `generate_batch` decodes as `generate` would: not for a looped model whose Q-exit picks
+    each token's depth (per row and token, so one row at a time)."""
+    return model.loop is None or model.loop.exit_threshold >= 1
+
+
+@torch.no_grad()
+def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.8,
+                   top_k: int = 50, top_p: float = 0.95, seeds: Sequence[int | None] | None = None,
+                   stop_ids: Sequence[int] = (), finished: Callable[[int, list[int]], bool] | None = None
+                   ) -> list[list[int]]:
+    """The new tokens of each prompt, generated together: the prompts are left-padded to one length (the
+    cache hides the padding from every query), then each step runs one position for every row; a row ends
+    at its own stop id, at `max_new_tokens` or at the context end, and the batch when all rows have. Each
+    row samples with its own seeded generator, as `generate` would with that seed; `finished(row, tokens)`
+    may end a row early (a stop string). A looped model decodes at full depth here (Q-exit decides per
+    token, one row at a time: use `generate`)."""
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("every prompt must have at least one token")
+    model.eval()
+    device = _device(model)
+    seq_len = model.shape.seq_len
+    prompts = [list(p)[-(seq_len - 1):] for p in prompts]
+    width = max(len(p) for p in prompts)
+    steps = min(max_new_tokens, seq_len - width)
+    pad = [width - len(p) for p in prompts]
+    generators = [torch.Generator().manual_seed(s) if s is not None else None
+                  for s in (seeds if seeds is not None else [None] * len(prompts))]
+    cache = KVCache(model.shape, len(prompts), width + max(steps, 0), device, _cache_dtype(model))
+    cache.padding = torch.zeros(len(prompts), cache.max_len, dtype=torch.bool, device=device)
+    rows = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    for i, (p, n) in enumerate(zip(prompts, pad)):
+        cache.padding[i, :n] = True
+        rows[i, n:] = torch.tensor(p, device=device)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    logits = model.exit_logits(model.passes(rows, cache)[0], 1.0)[:, -1]
+    for _ in range(max_new_tokens):
+        chosen = []
+        for i, row_logits in enumerate(logits):
+            token = sample_token(row_logits, temperature, top_k, top_p, generators[i]) if not done[i] else 0
+            if not done[i] and token in stop_ids:
+                done[i] = True
+            elif not done[i]:
+                out[i].append(token)
+                done[i] = finished is not None and finished(i, out[i])
+            chosen.append(token)
+        if all(done) or cache.pos >= cache.max_len:
+            break
+        next_ids = torch.tensor(chosen, device=device)[:, None]
+        logits = model.exit_logits(model.passes(next_ids, cache)[0], 1.0)[:, -1]
+    return out
 
 
 class _Drafter:
@@ -272,6 +331,27 @@ def complete(model: GPT, tokenizer, prompt: str, max_new_tokens: int, stop: Sequ
     return _text_until(generate(model, tokenizer.encode(prompt), max_new_tokens, temperature=temperature, top_k=top_k,
                                 top_p=top_p, seed=seed, stop_ids=[tokenizer.eod_id], speculative=speculative),
                        tokenizer, stop)
+
+
+def complete_batch(model: GPT, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   stops: Sequence[Sequence[str]], stop_ids: Sequence[int], *, temperature: float = 0.2,
+                   top_k: int = 50, top_p: float = 0.95, seeds: Sequence[int | None] | None = None,
+                   batch_size: int = 8) -> list[str]:
+    """The texts generated after each encoded prompt, `batch_size` rows at a time (`generate_batch`), each
+    ending before its first stop string (kept, as `complete` keeps it) or a stop id."""
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = range(start, min(start + batch_size, len(prompts)))
+
+        def finished(row: int, tokens: list[int]) -> bool:
+            text = tokenizer.decode(tokens)
+            return any(s in text for s in stops[chunk[row]])
+
+        ids = generate_batch(model, [prompts[i] for i in chunk], max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, seeds=[seeds[i] for i in chunk] if seeds is not None else None,
+                             stop_ids=stop_ids, finished=finished)
+        texts += [tokenizer.decode(row) for row in ids]
+    return texts
 
 
 def chat_reply(model: GPT, tokenizer, messages: Sequence[dict], max_new_tokens: int, stop: Sequence[str] = (), *,

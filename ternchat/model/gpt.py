@@ -79,6 +79,19 @@ class KVCache:
         self.pos = 0
         self.max_len = max_len
         self.layer_offset = 0
+        self.padding: torch.Tensor | None = None  # (batch, max_len) True at left padding: rows of other lengths
+
+    def visible(self, length: int) -> torch.Tensor | None:
+        """With left-padded rows: which cached positions each of the next `length` queries attends to,
+        (batch, 1, length, pos + length) (causal, no padding; a padding query sees itself, so no row is
+        empty); None without padding."""
+        if self.padding is None:
+            return None
+        end = self.pos + length
+        keys = torch.arange(end, device=self.padding.device)
+        queries = torch.arange(self.pos, end, device=self.padding.device)[:, None]
+        allowed = (keys <= queries) & ~self.padding[:, None, :end]
+        return (allowed | (keys == queries))[:, None]
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.pos + k.shape[2]
@@ -116,11 +129,13 @@ class Attention(nn.Module):
         q, k, v = (proj(x).view(B, T, self.n_heads, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        start = 0
+        start, visible = 0, None
         if cache is not None:
-            start = cache.pos
+            start, visible = cache.pos, cache.visible(T)
             k, v = cache.store(self.layer, k, v)
-        if start == 0:
+        if visible is not None:  # rows of different lengths, left-padded
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        elif start == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # new queries see the whole cache and the causal part of themselves
             allowed = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start)

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from ternchat.data.chat import completion_prompt
-from ternchat.eval.engine import generate
+from ternchat.eval.engine import decodes_in_batches, generate, generate_batch
 from ternchat.train.errors import RunError
 from ternchat.train.grpo import group_advantages, grpo_loss, token_logprobs
 from ternchat.train.stage import start_stage, step_items
@@ -56,16 +56,19 @@ def reward_of(outcome: Outcome, compile_reward: float) -> float:
 
 def sample_group(model, tok, task: Problem, size: int, max_tokens: int, temperature: float, seed: int
                  ) -> tuple[list[int], list[list[int]], list[str]]:
-    """The chat prompt's ids, and `size` sampled replies: their token ids (with <|assistant_end|> where the
-    model ended the reply) and their text."""
+    """The chat prompt's ids, and `size` sampled replies (reply i seeded `seed + i`, the group decoded as one
+    batch): their token ids (with <|assistant_end|> where the model ended the reply) and their text."""
     prompt = completion_prompt(task_messages(task), tok)
     end = tok.special("<|assistant_end|>")
-    replies, texts = [], []
-    for i in range(size):
-        ids = list(generate(model, prompt, max_tokens, temperature=temperature, seed=seed + i,
-                            stop_ids=[end, tok.eod_id]))
-        texts.append(tok.decode(ids))
-        replies.append(ids + [end] if len(ids) < max_tokens else ids)
+    stop_ids = [end, tok.eod_id]
+    if decodes_in_batches(model):
+        sampled = generate_batch(model, [prompt] * size, max_tokens, temperature=temperature,
+                                 seeds=[seed + i for i in range(size)], stop_ids=stop_ids)
+    else:  # Q-exit decides per token: one reply at a time
+        sampled = [list(generate(model, prompt, max_tokens, temperature=temperature, seed=seed + i,
+                                 stop_ids=stop_ids)) for i in range(size)]
+    texts = [tok.decode(ids) for ids in sampled]
+    replies = [ids + [end] if len(ids) < max_tokens else ids for ids in sampled]
     return prompt, replies, texts
 
 

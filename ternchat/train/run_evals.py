@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ternchat.data.tokenizer import Tokenizer
-from ternchat.eval.engine import complete
+from ternchat.eval.engine import complete, complete_batch, decodes_in_batches
 from ternchat.model.gpt import GPT
 
 SAMPLE_PROMPTS = ["fn fibonacci(n: u64) -> u64 {", "pub struct Stack<T> {",
@@ -48,8 +48,13 @@ def rust_problems_eval(trainer) -> dict:
         return {}
     problems = load_problems()
     model = trainer.inference_model()
-    completions = {p.name: [complete(model, trainer.tok, p.prompt, 256, p.stop_tokens, temperature=0.0)]
-                   for p in problems}
+    tok = trainer.tok
+    if decodes_in_batches(model):
+        texts = complete_batch(model, tok, [tok.encode(p.prompt) for p in problems], 256,
+                               [p.stop_tokens for p in problems], [tok.eod_id], temperature=0.0)
+    else:
+        texts = [complete(model, tok, p.prompt, 256, p.stop_tokens, temperature=0.0) for p in problems]
+    completions = {p.name: [text] for p, text in zip(problems, texts)}
     summary = summarize(score(problems, completions, limits=limits), [1])
     record = {"rust_pass@1": summary["pass@k"]["pass@1"], "rust_compile_rate": summary["compile_rate"],
               "rust_problems": summary["problems"]}
