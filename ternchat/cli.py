@@ -88,7 +88,10 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.export:
         from ternchat.data.prepared import export_artifacts
 
-        export_artifacts(art, Path(args.export), args.max_train_tokens)
+        from ternchat.verify.tasks import default_tasks_file
+
+        tasks_file = args.tasks or (default_tasks_file() if default_tasks_file().exists() else None)
+        export_artifacts(art, Path(args.export), args.max_train_tokens, args.max_functions, tasks_file)
         return 0
     print(f"data ready: corpus {art.corpus_dir}"
           + (f", tokenizer {art.tokenizer_dir}" if art.tokenizer_dir else "")
@@ -121,11 +124,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_speedrun(args: argparse.Namespace) -> int:
-    from ternchat.train.trainer import resolve_run, train
+    from ternchat.speedrun import speedrun
+    from ternchat.train.trainer import resolve_run
 
     cfg, run_dir = resolve_run(args.config, [*_run_overrides(args), "eval.report=true"], args.run_dir, args.resume)
-    result = train(cfg, run_dir, args.resume)
+    result = speedrun(cfg, run_dir, args.resume)
     _print_result(result)
+    if "model_file" in result:
+        print(f"model file: {result['model_file']}")
     print(f"report: {result['report']}")
     return 0
 
@@ -220,7 +226,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
              samples=args.samples, ks=[int(k) for k in args.k.split(",")], temperature=args.temperature,
              max_tokens=args.max_tokens, seed=args.seed, workers=args.workers, out=args.out,
              experiences=args.experiences, chat=args.chat, allow_unisolated=args.allow_unisolated, top_p=args.top_p,
-             batch_size=args.batch_size)
+             batch_size=args.batch_size, generate_only=args.generate_only)
     return 0
 
 
@@ -231,19 +237,20 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_config(run: Path) -> Config:
+    """The config a run folder was trained with (the defaults for a folder without one)."""
+    return load_config(run / "config.toml" if (run / "config.toml").exists() else None)
+
+
 def cmd_sft(args: argparse.Namespace) -> int:
-    from ternchat.data.pipeline import prepare_data
     from ternchat.train.checkpoint import required_checkpoint
-    from ternchat.train.sft import sft
-    from ternchat.verify.tasks import training_tasks
+    from ternchat.train.sft import sft, sft_corpus
+    from ternchat.train.stage import stage_tasks
 
     required_checkpoint(args.run)
-    tasks = training_tasks(args.tasks, args.allow_unisolated)
-    corpus_dir = None
-    if not args.no_corpus:
-        parent_config = args.run / "config.toml"
-        cfg = load_config(parent_config if parent_config.exists() else None)
-        corpus_dir = prepare_data(cfg, until="corpus").corpus_dir
+    cfg = run_config(args.run)
+    tasks = stage_tasks(cfg, args.tasks, args.allow_unisolated)
+    corpus_dir = None if args.no_corpus else sft_corpus(cfg)
     out = args.out or args.run.with_name(args.run.name + "_sft")
     result = sft(args.run, out, tasks, corpus_dir, args.overrides, args.resume)
     vals = result["val_losses"]
@@ -256,15 +263,15 @@ def cmd_sft(args: argparse.Namespace) -> int:
 def cmd_rl(args: argparse.Namespace) -> int:
     from ternchat.train.checkpoint import required_checkpoint
     from ternchat.train.rl import rl
+    from ternchat.train.stage import stage_tasks
     from ternchat.verify.sandbox import Limits, checked_isolation
-    from ternchat.verify.tasks import training_tasks
 
     required_checkpoint(args.run)
     limits = Limits(allow_unisolated=args.allow_unisolated)
     checked_isolation(limits)  # refuse before loading anything
     out = args.out or args.run.with_name(args.run.name + "_rl")
-    result = rl(args.run, out, training_tasks(args.tasks, args.allow_unisolated), args.overrides, args.resume,
-                limits, args.workers)
+    result = rl(args.run, out, stage_tasks(run_config(args.run), args.tasks, args.allow_unisolated), args.overrides,
+                args.resume, limits, args.workers)
     first, last = result["history"][:1], result["history"][-1:]
     if first:
         print(f"RL: {result['steps']} steps in {result['seconds']:.0f} s; mean reward {first[0]['mean_reward']:.3f} "
@@ -275,9 +282,9 @@ def cmd_rl(args: argparse.Namespace) -> int:
 def cmd_tfgrpo(args: argparse.Namespace) -> int:
     from ternchat.runs import load_model_and_tokenizer
     from ternchat.train.checkpoint import required_checkpoint
+    from ternchat.train.stage import stage_tasks
     from ternchat.train.tfgrpo import model_policy, tfgrpo
     from ternchat.verify.sandbox import Limits, checked_isolation
-    from ternchat.verify.tasks import training_tasks
 
     required_checkpoint(args.run)
     limits = Limits(allow_unisolated=args.allow_unisolated)
@@ -286,7 +293,7 @@ def cmd_tfgrpo(args: argparse.Namespace) -> int:
     model, tok = load_model_and_tokenizer(args.run)
     out = args.out or args.run / "tfgrpo"
     result = tfgrpo(model_policy(model, tok, t.max_tokens, t.temperature),
-                    training_tasks(args.tasks, args.allow_unisolated), out, steps=t.steps,
+                    stage_tasks(run_config(args.run), args.tasks, args.allow_unisolated), out, steps=t.steps,
                     tasks_per_step=t.tasks_per_step, group_size=t.group_size, per_task=t.per_task,
                     max_experiences=t.max_experiences, seed=t.seed, limits=limits, workers=args.workers, model=model)
     for h in result["history"]:
@@ -387,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "that `ternchat train --data DIR` uses on any machine")
     p.add_argument("--max-train-tokens", type=int, default=0, metavar="N",
                    help="with --export: about the first N train tokens only, at a document boundary (val is whole)")
+    p.add_argument("--max-functions", type=int, default=0, metavar="N",
+                   help="with --export: a seeded sample of N of the corpus's mined functions for SFT (0 = all)")
+    p.add_argument("--tasks", type=Path, default=None, metavar="FILE",
+                   help="with --export: the training tasks file to include (default: `ternchat tasks`' file when "
+                        "it exists)")
     _add_unisolated_arg(p)
     p.set_defaults(func=cmd_data)
 
@@ -398,7 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("speedrun", help="the main job: data, ~10 minutes of training, eval, samples, report.md",
                        description="Build the data if missing, train the tiny_cpu preset (or --config) for its "
-                                   "time budget, evaluate val bits per byte, sample, and write report.md.")
+                                   "time budget, evaluate val bits per byte, sample, and write report.md; with "
+                                   "[speedrun] sft and export (configs/speedrun_gpu.toml), SFT after it and the "
+                                   "packed model file of the last stage.")
     _add_run_args(p)
     p.set_defaults(func=cmd_speedrun)
 
@@ -533,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", default="1", help="comma-separated k of pass@k, e.g. 1,10")
     p.add_argument("--temperature", type=float, default=None, help="default: greedy for 1 sample, else 0.2")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling's p when sampling (1 = off)")
+    p.add_argument("--generate-only", action="store_true",
+                   help="with --run: write the completions (and how they were sampled) to --out and score nothing, "
+                        "for a machine without rustc; score them elsewhere with --completions")
     p.add_argument("--batch-size", type=int, default=8,
                    help="completions generated together (1 = one at a time; a looped model with Q-exit decodes "
                         "one at a time)")

@@ -328,6 +328,9 @@ class SFTConfig:
     """[sft]: supervised fine-tuning on chat conversations (`ternchat sft`, train/sft.py)."""
 
     steps: int = _field(300, min=1, doc="optimizer steps")
+    time_limit_min: float = _field(0.0, min=0.0, doc="wall-clock budget in minutes (0 = none): SFT ends at `steps` or "
+                                                     "here, whichever comes first, and the learning rate decays "
+                                                     "over whichever is nearer")
     batch_size: int = _field(8, min=1, doc="conversations per step (padded to the longest)")
     lr_scale: float = _field(0.1, min=0.0, doc="multiplier of the pretraining learning rates, decayed linearly to 0")
     corpus_conversations: int = _field(2000, min=0, doc="most conversations mined from the corpus (a `///` "
@@ -385,6 +388,16 @@ class FireConfig:
 
 
 @dataclass
+class SpeedrunConfig:
+    """[speedrun]: what `ternchat speedrun` does after pretraining (speedrun.py)."""
+
+    sft: bool = _field(False, doc="then SFT on the training tasks and the corpus's mined functions, for "
+                                  "sft.time_limit_min or sft.steps, into the run folder NAME_sft")
+    export: bool = _field(False, doc="then write the last stage's packed model file (model_packed.safetensors in "
+                                     "its run folder), which samples and evaluates on any machine")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -404,6 +417,7 @@ class Config:
     rl: RLConfig = field(default_factory=RLConfig)
     tfgrpo: TFGRPOConfig = field(default_factory=TFGRPOConfig)
     fire: FireConfig = field(default_factory=FireConfig)
+    speedrun: SpeedrunConfig = field(default_factory=SpeedrunConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -3,6 +3,7 @@ compiled and run in the rustc sandbox, summarized as pass@k, compile rate and ru
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -20,12 +21,16 @@ def model_completions(run: Path, problems: Sequence, samples: int, temperature: 
     """`samples` completions per problem from the model at `run` (a run folder or packed file), sample i
     seeded `seed + i`: greedy for one sample unless a temperature is given, else T = 0.2; in the chat
     format for post-trained models; `batch_size` at a time. Also the settings they were made with."""
+    import torch
+
     from ternchat.data.chat import completion_prompt
     from ternchat.eval.engine import chat_reply, complete, complete_batch, decodes_in_batches
     from ternchat.runs import load_model_and_tokenizer, run_stage
     from ternchat.train.tfgrpo import Library, messages_with
 
     model, tok = load_model_and_tokenizer(run)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU machine generates where rustc may be absent
+    model.to(device)
     temperature = 0.0 if samples == 1 and temperature is None else (temperature or 0.2)
     chat = chat if chat is not None else (run_stage(run) != "pretrain" or bool(experiences))
     library = Library.load(experiences) if experiences else Library()
@@ -57,25 +62,51 @@ def model_completions(run: Path, problems: Sequence, samples: int, temperature: 
                 "temperature": temperature if temperature > 0 else "0 (greedy)",
                 "top-p": top_p if temperature > 0 else "-", "max tokens": max_tokens, "seed": seed,
                 "prompt": "chat format" if chat else "plain completion", "stop": "the problem's stop tokens",
-                "batch": batch_size}
+                "batch": batch_size, "device": device}
     return completions, settings
+
+
+SETTINGS_FILE = "completions_settings.json"  # beside a generated completions file: how it was sampled
+
+
+def write_completions(run: Path, problems: Sequence, out: Path | None, made: tuple[dict[str, list[str]], dict],
+                      log=print) -> dict:
+    """`eval --generate-only`: completions.jsonl (rows {"name", "completions"}) and their sampling settings."""
+    completions, settings = made
+    out = out or Path(run if run.is_dir() else run.parent) / "completions"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "completions.jsonl"
+    path.write_text("".join(json.dumps({"name": p.name, "completions": completions[p.name]}) + "\n"
+                            for p in problems))
+    (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+    log(f"{sum(map(len, completions.values()))} completions of {len(problems)} problems -> {path}; score them where "
+        f"rustc is with `ternchat eval humaneval-rust --completions {path} --problems ...`")
+    return {"out": str(out), "completions": str(path)}
 
 
 def evaluate(problems_source: str, *, run: Path | None = None, completions_file: Path | None = None,
              strict: bool = False, samples: int = 1, ks: Sequence[int] = (1,), temperature: float | None = None,
              max_tokens: int = 256, seed: int = 0, workers: int = 0, out: Path | None = None,
              experiences: Path | None = None, chat: bool | None = None, allow_unisolated: bool = False,
-             top_p: float = 0.95, batch_size: int = 8, log=print) -> dict:
+             top_p: float = 0.95, batch_size: int = 8, generate_only: bool = False, log=print) -> dict:
     """Score `run`'s completions, a completions file's, or (neither) the canonical solutions; write the
-    reports to `out` and return the summary (with `out`)."""
+    reports to `out` and return the summary (with `out`). With `generate_only`, write `run`'s completions
+    and their settings to `out` for a later `--completions` on a machine with rustc, and score nothing."""
     problem_set = load_problem_set(problems_source, strict)  # malformed files stop here, before anything runs
     problems = problem_set.problems
+    if generate_only:
+        if run is None:
+            raise ValueError("generating completions only needs a model (--run)")
+        return write_completions(run, problems, out, model_completions(
+            run, problems, samples, temperature, max_tokens, seed, chat, experiences, top_p, batch_size, log), log)
     given = read_completions(completions_file, [p.name for p in problems]) if completions_file else None
     limits = Limits(allow_unisolated=allow_unisolated)
     iso = checked_isolation(limits)  # refuse before spending time on generation
     if given is not None:
-        completions, settings = given, {"completions": str(completions_file)}
-        out = out or Path("eval") / completions_file.stem
+        made_with = completions_file.with_name(SETTINGS_FILE)
+        settings = {"completions": str(completions_file),
+                    **(json.loads(made_with.read_text()) if made_with.exists() else {})}
+        completions, out = given, out or Path("eval") / completions_file.stem
     elif run is None:  # the problems' canonical solutions: does the dataset check out?
         completions, settings = references(problems), {"completions": "the problems' canonical solutions"}
         out = out or Path("eval") / f"{Path(str(problems_source)).stem}_canonical"

@@ -47,6 +47,13 @@ impl Stack {
 fn nothing() {
 }
 
+impl Default for Style {
+    /// The plain style.
+    fn default() -> Self {
+        Self::default()
+    }
+}
+
 /// The sum of the squares, as the evaluation problem asks.
 pub fn sum_of_squares(xs: &[i64]) -> i64 {
     xs.iter().map(|x| x * x).sum()
@@ -57,7 +64,7 @@ DOC = {"crate": "stacks", "path": "src/lib.rs", "edition": "2021", "text": SOURC
 
 def test_documented_functions_come_whole_with_their_doc_tests():
     by_name = {fn.name: fn for fn in documented_functions(DOC)}
-    assert set(by_name) == {"add_one", "size", "sum_of_squares"}  # `nothing` has no body
+    assert set(by_name) == {"add_one", "size", "default", "sum_of_squares"}  # `nothing` has no body
     add_one, size = by_name["add_one"], by_name["size"]
     assert add_one.prompt == "/// Adds one.\n/// Twice documented.\npub fn add_one(x: i64) -> i64 {\n"
     assert add_one.body.count("x + 1") == 2 and add_one.body.endswith("    }")  # nested braces stay inside
@@ -66,12 +73,13 @@ def test_documented_functions_come_whole_with_their_doc_tests():
     kinds = [kind for kind, _ in conversations(size)]
     assert kinds == ["function", "example"]
     assert conversations(size)[0][1][1]["content"] == "        self.items.len()\n    }"
-    assert [fn.name for fn in documented_functions(DOC, max_body_lines=2)] == ["size", "sum_of_squares"]
+    assert [fn.name for fn in documented_functions(DOC, max_body_lines=2)] == ["size", "default", "sum_of_squares"]
+    assert conversations(by_name["default"]) == []  # a placeholder body is no answer to learn
 
 
 def test_functions_resembling_an_evaluation_problem_are_dropped():
     mined = mine([DOC], load_problems(SHIPPED))
-    assert mined["found"] == 3 and mined["kept"] == 2 and mined["dropped"] == 1 and mined["examples"] == 1
+    assert mined["found"] == 4 and mined["kept"] == 3 and mined["dropped"] == 1 and mined["examples"] == 1
     [(name, why)] = mined["dropped_as_duplicates"].items()
     assert name.endswith(":sum_of_squares") and "sum_of_squares" in why
     every = sample_conversations(mined["functions"], limit=100)
@@ -82,7 +90,7 @@ def test_functions_resembling_an_evaluation_problem_are_dropped():
 def test_a_checked_sample_compiles_what_stands_alone():
     functions = list(documented_functions(DOC))
     report = check_sample(functions, per_kind=10, workers=1)
-    assert report["function"]["checked"] == 3 and report["function"]["compiles"] == 2  # `size` needs its impl
+    assert report["function"]["checked"] == 4 and report["function"]["compiles"] == 2  # 2 need their impl
     assert report["example"]["checked"] == 1 and report["example"]["compiles"] == 0  # needs the stacks crate
 
 

@@ -14,7 +14,7 @@ LAYERS = (
     ("verify", "eval", "export"),
     ("optim",),
     ("train",),
-    ("runs", "plan", "evaluation"),
+    ("runs", "plan", "evaluation", "speedrun"),
     ("bench",),
     ("cli", "__main__"),
 )

@@ -61,3 +61,37 @@ def test_the_cli_report_shows_what_was_written_and_why_it_failed(tmp_path):
     assert summary["common_errors"][0]["code"] == "E0308"
     assert "E0308" in summary["common_errors"][0]["example"]["message"]
     assert summary["settings"] == {"completions": str(tmp_path / "c.jsonl")}
+
+
+def test_batched_completions_equal_one_at_a_time_and_generate_only_keeps_the_settings(tmp_path, pretrained_run):
+    from ternchat.evaluation import evaluate, model_completions
+
+    run, problems = pretrained_run(tmp_path), load_problems("rust_basics")[:3]
+    quiet = lambda *a: None  # noqa: E731
+    args = (run, problems, 2, 0.8, 12, 5, None, None)
+    batched, settings = model_completions(*args, batch_size=4, log=quiet)
+    alone, _ = model_completions(*args, batch_size=1, log=quiet)
+    assert batched == alone  # seeded per sample: the same draws (a boundary case would be ~1e-6 away)
+    assert settings["temperature"] == 0.8 and settings["batch"] == 4
+
+    made = evaluate("rust_basics", run=run, samples=2, temperature=0.8, max_tokens=12, seed=5, out=tmp_path / "gen",
+                    generate_only=True, log=quiet)
+    rows = [json.loads(line) for line in open(made["completions"])]
+    assert {r["name"]: r["completions"] for r in rows[:3]} == batched
+    assert json.loads((tmp_path / "gen" / "completions_settings.json").read_text())["samples per problem"] == 2
+
+
+@needs_sandbox
+def test_scoring_generated_completions_reports_how_they_were_made(tmp_path):
+    from ternchat.evaluation import SETTINGS_FILE, evaluate
+
+    problems = load_problems("rust_basics")[:2]
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    (folder / "completions.jsonl").write_text("".join(
+        json.dumps({"name": p.name, "completions": [p.reference, "    todo!()\n}"]}) + "\n" for p in problems))
+    (folder / SETTINGS_FILE).write_text(json.dumps({"temperature": 0.8, "top-p": 0.95}))
+    summary = evaluate("rust_basics", completions_file=folder / "completions.jsonl", out=tmp_path / "scored",
+                       ks=[1, 2], log=lambda *a: None)
+    assert summary["settings"]["temperature"] == 0.8 and summary["settings"]["top-p"] == 0.95
+    assert summary["placeholder_share"] == 0.5

@@ -29,18 +29,9 @@ from ternchat.model.gpt import GPTShape
 from ternchat.plan import plan_memory
 from ternchat.train.distributed import Ranks, init_distributed, launched_ranks, shutdown_distributed
 from ternchat.train.errors import RunError
-from ternchat.train.report import machine
+from ternchat.train.report import bf16_peak_tflops, machine
 from ternchat.train.step import autocast_for, optimizer_step
 from ternchat.train.trainer import build_training, compile_if_possible, peak_memory_bytes
-
-# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity), by device name.
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
-                    "H100 NVL": 835.0, "RTX 4090": 165.2, "RTX PRO 6000 Blackwell": 503.8, "A100": 312.0}
-
-
-def bf16_peak_tflops(device_name: str) -> float | None:
-    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in device_name), None)
-
 
 def bench_scale(cfg: Config, steps: int, warmup: int, memory_cap: int | None = None,
                 peak_tflops: float | None = None, allow_cpu: bool = False, profile: Path | None = None) -> dict:

@@ -5,15 +5,19 @@ the corpus's compile tags when `data verify` made them) into one folder, with `m
 format, vocabulary, token and document counts per split, the SHA-256 of every file, the corpus
 summary and its provenance (Debian releases, packages and versions, crates). `--max-train-tokens N`
 keeps about the first N train tokens, ending at a document boundary (val is always whole, so val bpb stays
-comparable). `ternchat train --data DIR` (`data.prepared`) trains from the folder alone: no
-sources, no apt, no network. Opening a folder checks every file against the manifest, and refuses
-one whose vocabulary or format differs from what the config and this ternchat expect.
+comparable). What SFT reads comes along too: the corpus's mined functions (`ternchat data functions`;
+`--max-functions N` keeps a seeded sample) and the training tasks file, so that `ternchat sft` of a run
+trained from the folder needs neither the corpus nor rustc. `ternchat train --data DIR`
+(`data.prepared`) trains from the folder alone: no sources, no apt, no network. Opening a folder checks
+every file against the manifest, and refuses one whose vocabulary or format differs from what the
+config and this ternchat expect.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass
@@ -31,6 +35,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 TAGS_FILE = "compile_tags.jsonl"
+FUNCTIONS_FILE = "functions.jsonl"  # the corpus's documented functions, mined for SFT (verify/function_data.py)
+TASKS_FILE = "train_tasks.jsonl"  # the sandbox-checked training tasks (verify/tasks.py)
 
 
 def _take_train_shards(shard_dir: Path, tok: Tokenizer, out: Path, max_tokens: int) -> list[dict]:
@@ -87,6 +93,17 @@ def _copy_tags(corpus_dir: Path, out: Path, train_docs: int) -> bool:
     return True
 
 
+def _copy_sample(source: Path, dest: Path, limit: int, seed: int = 0) -> int:
+    """A seeded sample of `limit` lines of `source` (every line when `limit` is 0), in their order; the count."""
+    with open(source, encoding="utf-8") as f:
+        lines = f.readlines()
+    if limit and limit < len(lines):
+        keep = sorted(random.Random(seed).sample(range(len(lines)), limit))
+        lines = [lines[i] for i in keep]
+    dest.write_text("".join(lines), encoding="utf-8")
+    return len(lines)
+
+
 def provenance(summary: dict, corpus_dir: Path) -> dict:
     """Where the corpus came from: Debian releases and packages (from the unpacked package folders'
     names), and every crate with its versions and origins (from the corpus manifest)."""
@@ -118,8 +135,9 @@ def _provenance_of(corpus_dir: Path, summary: dict) -> dict:
 
 
 def export_prepared(out: Path, *, corpus_dir: Path, corpus_summary: dict, tokenizer: Tokenizer, shard_dir: Path,
-                    max_train_tokens: int = 0) -> dict:
-    """Write the prepared-data folder `out` (see the module docstring); return its manifest."""
+                    max_train_tokens: int = 0, max_functions: int = 0, tasks_file: Path | None = None) -> dict:
+    """Write the prepared-data folder `out` (see the module docstring); return its manifest. The corpus's
+    mined functions come along when it has them, and `tasks_file` when given."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out} exists and is not empty; export into a new folder")
@@ -133,13 +151,16 @@ def export_prepared(out: Path, *, corpus_dir: Path, corpus_summary: dict, tokeni
         shards_mod.write_index(tmp, tokenizer.hash, splits)
         train_docs = sum(e["documents"] for e in splits["train"])
         has_tags = _copy_tags(corpus_dir, tmp, train_docs)
+        functions = corpus_dir / FUNCTIONS_FILE
+        sft = {"functions": _copy_sample(functions, tmp / FUNCTIONS_FILE, max_functions) if functions.exists() else 0,
+               "tasks": _copy_sample(Path(tasks_file), tmp / TASKS_FILE, 0) if tasks_file else 0}
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "shard_format": shards_mod.FORMAT_VERSION,
             "vocab_size": tokenizer.vocab_size, "tokenizer_hash": tokenizer.hash,
             "tokens": {s: sum(e["tokens"] for e in entries) for s, entries in splits.items()},
             "documents": {s: sum(e["documents"] for e in entries) for s, entries in splits.items()},
-            "max_train_tokens": max_train_tokens, "compile_tags": has_tags,
+            "max_train_tokens": max_train_tokens, "compile_tags": has_tags, "sft": sft,
             "files": {p.relative_to(tmp).as_posix(): file_sha256(p) for p in files},
             "corpus": corpus_summary, "provenance": _provenance_of(corpus_dir, corpus_summary),
         }
@@ -202,10 +223,15 @@ def folder_size(folder: Path) -> int:
     return sum(os.path.getsize(p) for p in Path(folder).rglob("*") if p.is_file())
 
 
-def export_artifacts(art, out: Path, max_train_tokens: int = 0, log=print) -> dict:
+def export_artifacts(art, out: Path, max_train_tokens: int = 0, max_functions: int = 0,
+                     tasks_file: Path | None = None, log=print) -> dict:
     """`ternchat data --export DIR`: the prepared-data folder of the pipeline's artifacts `art`."""
     manifest = export_prepared(out, corpus_dir=art.corpus_dir, corpus_summary=art.corpus_summary,
-                               tokenizer=art.tokenizer, shard_dir=art.shard_dir, max_train_tokens=max_train_tokens)
-    log(f"{describe(manifest)}\nexported to {out} ({folder_size(out) / 1e6:,.1f} MB); "
-        f"train from it with `ternchat train --data {out}`")
+                               tokenizer=art.tokenizer, shard_dir=art.shard_dir, max_train_tokens=max_train_tokens,
+                               max_functions=max_functions, tasks_file=tasks_file)
+    sft = manifest["sft"]
+    log(f"{describe(manifest)}\nfor SFT: {sft['functions']:,} mined functions"
+        + ("" if sft["functions"] else " (mine them first with `ternchat data functions`)")
+        + f", {sft['tasks']} training tasks" + ("" if sft["tasks"] else " (build them with `ternchat tasks`)")
+        + f"\nexported to {out} ({folder_size(out) / 1e6:,.1f} MB); train from it with `ternchat train --data {out}`")
     return manifest

@@ -12,6 +12,23 @@ from ternchat.config import Config
 from ternchat.train.metrics import MetricsLog
 
 
+# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity), by device name.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
+                    "H100 NVL": 835.0, "RTX 4090": 165.2, "RTX PRO 6000 Blackwell": 503.8, "A100": 312.0}
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in device_name), None)
+
+
+def model_flops_utilization(parameters: int, tok_s: float, device: str) -> float | None:
+    """6 x parameters x tokens/s over one CUDA device's dense bf16 peak (None off CUDA or for an unknown GPU)."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    peak = bf16_peak_tflops(torch.cuda.get_device_name())
+    return 6 * parameters * tok_s / (peak * 1e12) if peak else None
+
+
 def plot_loss(metrics: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -49,6 +66,7 @@ def write_report(run_dir: Path, cfg: Config, result: dict, samples: list[dict]) 
     plot_loss(metrics, run_dir / "loss.png")
     losses = [r["loss"] for r in metrics if isinstance(r.get("loss"), float)]
     params = result["parameters"]
+    mfu = model_flops_utilization(params["total"], result["tok_s"], result["device"])
     lines = [
         f"# Run report: {run_dir.name}", "",
         f"Machine: {machine()}. Device used: {result['device']}.", "",
@@ -56,7 +74,9 @@ def write_report(run_dir: Path, cfg: Config, result: dict, samples: list[dict]) 
         f"| steps | {result['steps']} |",
         f"| tokens seen | {result['tokens_seen']:,} |",
         f"| training time | {result['train_seconds'] / 60:.1f} min |",
-        f"| throughput | {result['tok_s']:,.0f} tokens/s |",
+        f"| throughput | {result['tok_s']:,.0f} tokens/s"
+        + (f" (MFU {100 * mfu:.1f}%: 6 x parameters x tokens/s over the GPU's dense bf16 peak; the time "
+           "includes compilation and evaluation)" if mfu is not None else "") + " |",
         f"| peak memory | {result['peak_memory_bytes'] / 2**20:,.0f} MiB |",
         f"| first / last train loss | {losses[0]:.3f} / {losses[-1]:.3f} |" if losses else "| train loss | - |",
         f"| final val loss | {result.get('val_loss', float('nan')):.4f} |",

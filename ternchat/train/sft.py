@@ -14,9 +14,10 @@ at the model's context. A seeded share (`sft.val_fraction`) is held out, and its
 `sft.eval_every` steps. That held-out curve is how plasticity is compared with and without FIRE.
 
 The run starts from a pretrained run's latest checkpoint, with its latent weights, tokenizer and
-optimizers (learning rates times `sft.lr_scale`, decayed linearly to 0). With `[fire] at_sft` the
-weights first go through FIRE. It writes a new run folder, with checkpoints in the trainer's format,
-metrics.jsonl, the tokenizer, and config.toml whose `trainer.json` says `stage = "sft"`, so
+optimizers (learning rates times `sft.lr_scale`, decayed linearly to 0 over `sft.steps`, or over
+`sft.time_limit_min` when that ends first; a resumed run's budget counts from the resume). With
+`[fire] at_sft` the weights first go through FIRE. It writes a new run folder, with checkpoints in the
+trainer's format, metrics.jsonl, the tokenizer, and config.toml whose `trainer.json` says `stage = "sft"`, so
 `ternchat eval --run` prompts it in the chat format. `--resume` continues from its latest checkpoint.
 """
 
@@ -32,8 +33,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ternchat.config import Config
 from ternchat.data.chat import render_conversation
 from ternchat.data.errors import DataError
+from ternchat.data.pipeline import prepare_data
+from ternchat.data.prepared import FUNCTIONS_FILE
 from ternchat.model.gpt import GPT
 from ternchat.train.errors import RunError
 from ternchat.train.stage import start_stage, step_items
@@ -79,6 +83,18 @@ def split_conversations(conversations: list[list[dict]], val_fraction: float, se
     return [conversations[i] for i in order[n_val:]], [conversations[i] for i in order[:n_val]]
 
 
+def sft_corpus(cfg: Config) -> Path:
+    """Where SFT's mined functions come from for a run with config `cfg`: its prepared-data folder's
+    functions.jsonl, or the corpus (its functions.jsonl, else mined from its train split)."""
+    if not cfg.data.prepared:
+        return prepare_data(cfg, until="corpus").corpus_dir
+    folder = Path(cfg.data.prepared)
+    if not (folder / FUNCTIONS_FILE).exists():
+        raise DataError(f"data.prepared = {folder} carries no {FUNCTIONS_FILE}: run `ternchat data functions` "
+                        "where the corpus is and export the folder again, or give --no-corpus (tasks only)")
+    return folder
+
+
 def sft(parent: Path, out: Path, tasks: Sequence[Problem], corpus_dir: Path | None, overrides: Sequence[str] = (),
         resume: bool = False, log=print) -> dict:
     """Fine-tune `parent`'s model on chat conversations into the run folder `out` (module docstring)."""
@@ -90,10 +106,19 @@ def sft(parent: Path, out: Path, tasks: Sequence[Problem], corpus_dir: Path | No
     train_set, val_set = split_conversations(conversations + mined, s.val_fraction, s.seed)
     if not train_set:
         raise DataError("no SFT conversations: give training tasks or a corpus with documented functions")
-    train_items = [render_conversation(c, tok) for c in train_set]
-    val_items = [render_conversation(c, tok) for c in val_set]
+    seq_len = model.shape.seq_len
+    rendered = {name: [render_conversation(c, tok) for c in convs] for name, convs in (("train", train_set),
+                                                                                       ("val", val_set))}
+    # a conversation whose reply starts past the context has no token to learn from (and a batch of only
+    # such would average the loss over nothing)
+    train_items, val_items = ([(ids, mask) for ids, mask in items if any(mask[1:seq_len + 1])]
+                              for items in rendered.values())
+    cut = len(rendered["train"]) + len(rendered["val"]) - len(train_items) - len(val_items)
     log(f"SFT data: {len(tasks)} tasks x {s.task_copies} + {len(mined)} from the corpus -> {len(train_items)} "
-        f"training and {len(val_items)} held-out conversations")
+        f"training and {len(val_items)} held-out conversations"
+        + (f" ({cut} left out: their reply starts past the {seq_len}-token context)" if cut else ""))
+    if not train_items:
+        raise DataError(f"no SFT conversation has its reply within the model's {seq_len}-token context")
     pad = tok.special("<|assistant_end|>")
     autocast = autocast_for(cfg.train.dtype, device)
 
@@ -120,9 +145,14 @@ def sft(parent: Path, out: Path, tasks: Sequence[Problem], corpus_dir: Path | No
         stage.metrics.write(step=0, event="val", val_loss=held_out_loss())
     model.train()
     start, losses = time.perf_counter(), []
+    budget = s.time_limit_min * 60
+
+    def progress() -> float:  # the share of the run done: of its steps, or of its time budget if nearer its end
+        return max(stage.step / s.steps, (time.perf_counter() - start) / budget if budget else 0.0)
+
     bar = tqdm(total=s.steps, initial=stage.step, desc="sft", unit="step")
-    while stage.step < s.steps:
-        lr_scale = s.lr_scale * (1 - stage.step / s.steps)
+    while stage.step < s.steps and progress() < 1:
+        lr_scale = s.lr_scale * (1 - progress())
         optimizer.set_schedule(lr_scale)
         loss = optimizer_step(lambda x, y: masked_loss(model, x, y), model, optimizer, [batch_at(stage.step)], 1,
                               autocast, 0.0, device)
@@ -133,9 +163,10 @@ def sft(parent: Path, out: Path, tasks: Sequence[Problem], corpus_dir: Path | No
         stage.metrics.write(step=stage.step, event="train", loss=losses[-1], lr_scale=lr_scale)
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if stage.step % s.eval_every == 0 or stage.step == s.steps:
+        last = stage.step == s.steps or progress() >= 1
+        if stage.step % s.eval_every == 0 or last:
             stage.metrics.write(step=stage.step, event="val", val_loss=held_out_loss())
-        if s.checkpoint_every and stage.step % s.checkpoint_every == 0 and stage.step < s.steps:
+        if s.checkpoint_every and stage.step % s.checkpoint_every == 0 and not last:
             stage.save()
     bar.close()
     stage.save()

@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from ternchat.config import Config, load_config
+from ternchat.data.prepared import TASKS_FILE
 from ternchat.data.tokenizer import Tokenizer
 from ternchat.model.gpt import GPT
 from ternchat.optim.factory import CombinedOptimizer, build_optimizer
@@ -28,6 +29,8 @@ from ternchat.train.distributed import Ranks
 from ternchat.train.errors import RunError
 from ternchat.train.events import stage_events
 from ternchat.train.metrics import MetricsLog
+from ternchat.verify.humaneval import Problem
+from ternchat.verify.tasks import training_tasks
 
 
 def step_items(items: Sequence, per_step: int, step: int, seed: int) -> list:
@@ -38,6 +41,16 @@ def step_items(items: Sequence, per_step: int, step: int, seed: int) -> list:
     order = list(range(len(items)))
     random.Random(f"{seed}:{epoch}").shuffle(order)
     return [items[i] for i in order[k * per_step:(k + 1) * per_step]]
+
+
+def stage_tasks(cfg: Config, tasks_file: Path | None, allow_unisolated: bool, log=print) -> list[Problem]:
+    """The training tasks of a stage of a run with config `cfg`: `tasks_file`; else those of the run's
+    prepared-data folder, which carries them so that no rustc is needed; else `ternchat tasks`' file,
+    built (with rustc) on first use."""
+    carried = Path(cfg.data.prepared) / TASKS_FILE if cfg.data.prepared else None
+    if tasks_file is None and carried is not None and carried.exists():
+        tasks_file = carried
+    return training_tasks(tasks_file, allow_unisolated, log)
 
 
 def load_pretrained(run_dir: Path) -> tuple[Config, GPT, Tokenizer, dict]:

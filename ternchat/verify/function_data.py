@@ -4,7 +4,8 @@ A documented function is a `fn` item directly under `///` doc lines whose body c
 indentation (`}` alone on a line); nested items, traits' default methods and impls' methods count.
 Each gives up to two conversations in the chat format:
 - `function`: the doc comment without its code blocks, and the signature, in; the body and `}` out
-  (bodies of 1 to `max_body_lines` lines);
+  (bodies of 1 to `max_body_lines` lines; none whose body only defers the work, `todo!()`,
+  `unreachable!(..)`, `Self::default()` and the like, which would teach placeholders as answers);
 - `example`: its doc-tests, the Rust code blocks of the doc comment (fences with no language, `rust`,
   or only rustdoc's attributes such as `no_run` and `should_panic`; not `text`, `ignore` or
   `compile_fail`), with rustdoc's hidden `# ` lines shown: the doc prose and signature in, "how is it
@@ -33,7 +34,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from ternchat.data.corpus import iter_records
-from ternchat.verify.humaneval import SHIPPED, Problem, load_problems
+from ternchat.data.prepared import FUNCTIONS_FILE
+from ternchat.verify.humaneval import SHIPPED, Problem, is_placeholder, load_problems
 from ternchat.verify.sandbox import Limits, check_metadata
 from ternchat.verify.tasks import duplicates_of_evaluation
 
@@ -112,9 +114,9 @@ def documented_functions(doc: dict, max_body_lines: int = 40) -> Iterator[Docume
 
 
 def conversations(fn: DocumentedFunction) -> list[tuple[str, list[dict]]]:
-    """The function's conversations, each with its kind."""
-    out = [("function", [{"role": "user", "content": fn.prompt},
-                         {"role": "assistant", "content": f"{fn.body}\n{fn.indent}}}"}])]
+    """The function's conversations, each with its kind; none teaches a placeholder body as an answer."""
+    answer = [{"role": "user", "content": fn.prompt}, {"role": "assistant", "content": f"{fn.body}\n{fn.indent}}}"}]
+    out = [] if is_placeholder(fn.body) else [("function", answer)]
     for example in fn.examples:
         out.append(("example", [{"role": "user", "content": f"{fn.prompt}How is `{fn.name}` used?"},
                                 {"role": "assistant", "content": example}]))
@@ -164,9 +166,6 @@ def check_sample(functions: Sequence[DocumentedFunction], per_kind: int, seed: i
         report[kind] = {"checked": len(mine), "compiles": sum(o.outcome == "ok" for o in mine),
                         "top_error_codes": codes.most_common(5)}
     return report
-
-
-FUNCTIONS_FILE = "functions.jsonl"
 
 
 def mine_corpus(corpus_dir: Path, against: Sequence[str | Path] = ()) -> dict:
