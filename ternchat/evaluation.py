@@ -24,7 +24,7 @@ def model_completions(run: Path, problems: Sequence, samples: int, temperature: 
     import torch
 
     from ternchat.data.chat import completion_prompt
-    from ternchat.eval.engine import chat_reply, complete, complete_batch, decodes_in_batches
+    from ternchat.eval.engine import chat_reply, complete, complete_batch, decodes_in_batches, for_batches
     from ternchat.runs import load_model_and_tokenizer, run_stage
     from ternchat.train.tfgrpo import Library, messages_with
 
@@ -38,6 +38,7 @@ def model_completions(run: Path, problems: Sequence, samples: int, temperature: 
         + (f", with {len(library.experiences)} experiences as the system message" if experiences else ""))
     jobs = [(p, seed + i) for p in problems for i in range(samples)]
     if batch_size > 1 and decodes_in_batches(model):
+        for_batches(model)
         prompts = [completion_prompt(messages_with(library, p), tok) if chat else tok.encode(p.prompt) for p, _ in jobs]
         stop_ids = [tok.special("<|assistant_end|>"), tok.eod_id] if chat else [tok.eod_id]
         texts = []

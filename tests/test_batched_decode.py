@@ -1,11 +1,13 @@
 """Batched decoding: prompts of different lengths decoded together give what one-at-a-time decoding gives,
 greedy and seeded sampling alike, with each row's own stop handling."""
 
+import copy
+
 import pytest
 import torch
 
-from ternchat.eval.engine import complete_batch, generate, generate_batch
-from ternchat.model.bitlinear import to_inference
+from ternchat.eval.engine import complete_batch, for_batches, generate, generate_batch
+from ternchat.model.bitlinear import TernaryLinear, set_kernel, to_inference
 from ternchat.model.gpt import GPT, GPTShape
 
 pytestmark = pytest.mark.numerics  # rerun by .ci/run on other CPU kernel paths
@@ -89,3 +91,19 @@ def test_complete_batch_ends_each_row_at_its_stop_string():
     got = complete_batch(model, tok, prompts, 20, stops, [tok.eod_id], temperature=0.0, batch_size=3)
     assert got == [until_stop(t, s) for t, s in zip(free, stops)]
     assert len(got[0]) <= 5 and len(got[2]) == 1 and got[1] == free[1]
+
+
+def test_the_dense_kernel_of_batched_evaluation_computes_what_training_computes():
+    torch.manual_seed(0)
+    latent = GPT(GPTShape.from_dict(BASE))
+    with torch.no_grad():
+        for p in latent.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        trained = latent.eval()(ids)
+        dense = for_batches(copy.deepcopy(latent))
+        assert all(m.kernel == "dense" for m in dense.modules() if isinstance(m, TernaryLinear))
+        # the same weight values and the same float product, once dequantized instead of at every call
+        assert torch.equal(dense(ids), trained)
+        assert torch.equal(set_kernel(dense, "float")(ids), trained)

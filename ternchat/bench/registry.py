@@ -151,8 +151,9 @@ BENCHMARKS: dict[str, Benchmark] = {
                       "5 Newton-Schulz steps)", _fire, "fire_bench:format_fire"),
     "decode": Benchmark("batch-1 decoding tok/s and peak memory: dense bf16, ternary float and int8 kernels, "
                         "llama.cpp TQ2_0/TQ1_0", _decode, "decode_bench:format_decode"),
-    "batched": Benchmark("completions/s of batched decoding at batch 1, 8 and 32 against one completion at a time "
-                         "(the ~125M shape, int8 kernel)", _batched, "batched_bench:format_batched"),
+    "batched": Benchmark("completions/s of batched decoding (dense kernel) at batch 1, 8 and 32 against one "
+                         "completion at a time (float kernel; int2 kernel with the compiled step), the ~125M shape",
+                         _batched, "batched_bench:format_batched"),
 }
 
 

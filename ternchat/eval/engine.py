@@ -8,6 +8,7 @@ Batched decoding (`generate_batch`, `complete_batch`): prompts of different leng
 one length and the cache hides the padding from every query (`KVCache.padding`); rotary attention
 depends on relative positions only, so a row sees what it would alone, up to floating-point rounding
 (greedy outputs may differ only at near ties). Each row has its own seeded generator and its own stops.
+An evaluation decodes with `for_batches(model)`: the dense kernel, whose GEMM gains from the batch's rows.
 
 Self-speculative decoding (`speculative=True`, a model trained with `[mtp]`): the token after the
 last one fed is chosen from the main head as usual; the MTP heads or modules draft the `n_future`
@@ -33,6 +34,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ternchat.eval.decode_step import CompiledStep
+from ternchat.model.bitlinear import set_kernel, to_inference
 from ternchat.model.gpt import GPT, KVCache
 
 
@@ -136,6 +138,14 @@ def decodes_in_batches(model: GPT) -> bool:
     """Whether `generate_batch` decodes as `generate` would: not for a looped model whose Q-exit picks
     each token's depth (per row and token, so one row at a time)."""
     return model.loop is None or model.loop.exit_threshold >= 1
+
+
+def for_batches(model: GPT) -> GPT:
+    """`model` (in place) with its ternary layers in inference form and the dense kernel, the fastest for
+    a batch on a CPU; its outputs equal the float kernel's and BitLinear's bit for bit. Not for a model
+    that goes on training."""
+    to_inference(model)
+    return set_kernel(model, "dense")
 
 
 @torch.no_grad()

@@ -124,15 +124,18 @@ class BitLinear(nn.Linear):
 class TernaryLinear(nn.Module):
     """Inference form of BitLinear: fixed int8 codes in {-1, 0, +1} and the scale beta.
 
-    Three kernels compute it. `float` (the default) multiplies the dequantized activations by the dequantized
-    weight, exactly as BitLinear's forward does, so its output equals BitLinear's bit for bit. The decoding
+    Four kernels compute it. `float` (the default) multiplies the dequantized activations by the dequantized
+    weight, exactly as BitLinear's forward does, so its output equals BitLinear's bit for bit. `dense` is the
+    same product with the weight dequantized once and kept (4 bytes per weight): the same output bit for bit,
+    and the fastest for a batch of rows on a CPU, whose float GEMM grows sublinearly with the rows where the
+    integer kernels below grow linearly (`ternchat bench batched`). The decoding
     kernels multiply the activations' int8 values by the codes with exact int32 accumulation, then apply one
     float scale per token, beta / activation scale, and never materialize a float weight: `int8` with the
     codes as an int8 matrix (torch._int_mm), `int2` with the codes packed 2 bits each and read by the C++
     kernel of model/ternary_kernel.py (built on first use). They differ from `float` by float rounding only.
     """
 
-    KERNELS = ("float", "int8", "int2")
+    KERNELS = ("float", "dense", "int8", "int2")
 
     def __init__(self, codes: torch.Tensor, beta: torch.Tensor):
         super().__init__()
@@ -142,6 +145,7 @@ class TernaryLinear(nn.Module):
         self.kernel = "float"
         self._codes_by_column: torch.Tensor | None = None  # (in, out) for the int8 GEMM, made by set_kernel
         self._packed: torch.Tensor | None = None  # 2-bit codes for the int2 kernel, made by set_kernel
+        self._weight: torch.Tensor | None = None  # the dequantized weight of the dense kernel, made by set_kernel
 
     @classmethod
     def from_bitlinear(cls, layer: BitLinear) -> "TernaryLinear":
@@ -153,7 +157,8 @@ class TernaryLinear(nn.Module):
         return self.codes.float() * self.beta
 
     def prepare(self, kernel: str) -> None:
-        """Switch to `kernel`, making the weight layout it reads."""
+        """Switch to `kernel`, making the weight layout it reads (and dropping a dense kernel's weight)."""
+        self._weight = self.weight_values() if kernel == "dense" else None
         if kernel == "int8":
             self._codes_by_column = self.codes.t().contiguous()
         elif kernel == "int2":
@@ -166,9 +171,10 @@ class TernaryLinear(nn.Module):
         self.kernel = kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "float":
+        if self.kernel in ("float", "dense"):
             x_q = quantize_activation(x.float()).to(x.dtype)
-            return F.linear(x_q, self.weight_values().to(x.dtype))
+            weight = self._weight if self._weight is not None else self.weight_values()
+            return F.linear(x_q, weight.to(x.dtype))
         x_int, scale = activation_codes(x)
         if self.kernel == "int8":
             products = torch._int_mm(x_int, self._codes_by_column)
@@ -187,7 +193,7 @@ def as_ternary(module: nn.Module) -> TernaryLinear | None:
 
 
 def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
-    """Choose the kernel of every TernaryLinear in `model` ("float", "int8" or "int2"); returns the model."""
+    """Choose the kernel of every TernaryLinear in `model` ("float", "dense", "int8" or "int2"); returns the model."""
     if kernel not in TernaryLinear.KERNELS:
         raise ValueError(f"unknown ternary kernel {kernel!r}; choose one of {', '.join(TernaryLinear.KERNELS)}")
     for module in model.modules():
