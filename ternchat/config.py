@@ -328,15 +328,17 @@ class SFTConfig:
     """[sft]: supervised fine-tuning on chat conversations (`ternchat sft`, train/sft.py)."""
 
     steps: int = _field(300, min=1, doc="optimizer steps")
-    time_limit_min: float = _field(0.0, min=0.0, doc="wall-clock budget in minutes (0 = none): SFT ends at `steps` or "
-                                                     "here, whichever comes first, and the learning rate decays "
-                                                     "over whichever is nearer")
+    time_limit_min: float = _field(0.0, min=0.0, doc="training budget in minutes (0 = none; held-out loss passes do "
+                                                     "not count): SFT ends at `steps` or here, whichever comes "
+                                                     "first, and the learning rate decays over whichever is nearer")
     batch_size: int = _field(8, min=1, doc="conversations per step (padded to the longest)")
     lr_scale: float = _field(0.1, min=0.0, doc="multiplier of the pretraining learning rates, decayed linearly to 0")
     corpus_conversations: int = _field(2000, min=0, doc="most conversations mined from the corpus (a `///` "
                                                          "documented fn: doc and signature in, body out)")
     task_copies: int = _field(4, min=0, doc="times each training task appears per epoch (they are few)")
     val_fraction: float = _field(0.1, min=0.0, max=0.5, doc="share of the conversations held out for the loss")
+    val_max: int = _field(256, min=0, doc="most held-out conversations (0 = no cap), so that each held-out "
+                                          "pass stays short")
     eval_every: int = _field(25, min=1, doc="steps between held-out loss passes")
     checkpoint_every: int = _field(100, min=0, doc="steps between checkpoints; 0 = only at the end")
     seed: int = _field(0, min=0, doc="seed of the conversation order and the held-out split")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 
@@ -18,7 +19,8 @@ from ternchat.eval.engine import complete
 from ternchat.runs import load_model_and_tokenizer, run_stage
 from ternchat.speedrun import speedrun
 from ternchat.train.metrics import MetricsLog
-from ternchat.train.sft import sft, sft_corpus
+from ternchat.train import sft as sft_module
+from ternchat.train.sft import sft, sft_corpus, split_conversations
 from ternchat.verify.function_data import mine_corpus, read_functions
 from ternchat.verify.tasks import generate_tasks, problem_row
 
@@ -71,6 +73,32 @@ def test_sft_stops_at_its_time_budget_with_the_learning_rate_decayed_over_it(tmp
     assert len(scales) == result["steps"] and all(a > b for a, b in zip(scales, scales[1:]))
     assert scales[0] <= 0.1  # sft.lr_scale's default, decaying from the first step on
     assert [r["step"] for r in rows if r.get("event") == "val"] == [0, result["steps"]]  # the last step is evaluated
+
+
+def test_held_out_passes_do_not_count_against_the_sft_budget(tmp_path, pretrained_run, monkeypatch):
+    parent = pretrained_run(tmp_path)
+    loss = sft_module.masked_loss
+
+    def slow_held_out_loss(model, inputs, targets, reduction="mean"):  # held-out batches sum; each takes 0.5 s
+        if reduction == "sum":
+            time.sleep(0.5)
+        return loss(model, inputs, targets, reduction)
+
+    monkeypatch.setattr(sft_module, "masked_loss", slow_held_out_loss)
+    # 16 conversations, 3 held out in 2 batches: each held-out pass takes over 1 s, the training budget 3 s
+    sets = ["sft.steps=5", "sft.time_limit_min=0.05", "sft.batch_size=2", "sft.eval_every=1",
+            "sft.checkpoint_every=0", "sft.val_fraction=0.2"]
+    result = sft(parent, tmp_path / "sft", generate_tasks()[:4], None, sets, log=lambda *a: None)
+    assert result["steps"] == 5  # counting the 5 held-out passes (over 5 s) the budget would have ended it by step 3
+    assert result["seconds"] > 5 and result["val_conversations"] == 3
+
+
+def test_the_held_out_share_is_capped():
+    conversations = [[{"role": "user", "content": str(i)}] for i in range(100)]
+    train, held_out = split_conversations(conversations, 0.2, seed=0, val_max=7)
+    assert len(held_out) == 7 and len(train) == 93
+    assert sorted(c[0]["content"] for c in train + held_out) == sorted(str(i) for i in range(100))
+    assert len(split_conversations(conversations, 0.2, seed=0)[1]) == 20  # 0: no cap
 
 
 def test_speedrun_pretrains_fine_tunes_and_writes_a_model_file_from_the_folder_alone(tmp_path, fixture_crates,

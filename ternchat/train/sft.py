@@ -10,12 +10,13 @@ comment and signature; the assistant writes its body and closing brace. There ar
 
 The loss is the cross-entropy of the assistant's tokens only (the mask of `render_conversation`),
 averaged over those tokens in the batch. Conversations are padded to the longest in the batch and cut
-at the model's context. A seeded share (`sft.val_fraction`) is held out, and its loss is logged every
-`sft.eval_every` steps. That held-out curve is how plasticity is compared with and without FIRE.
+at the model's context. A seeded share (`sft.val_fraction`, at most `sft.val_max` conversations) is held
+out, and its loss is logged every `sft.eval_every` steps. That held-out curve is how plasticity is compared with and without FIRE.
 
 The run starts from a pretrained run's latest checkpoint, with its latent weights, tokenizer and
 optimizers (learning rates times `sft.lr_scale`, decayed linearly to 0 over `sft.steps`, or over
-`sft.time_limit_min` when that ends first; a resumed run's budget counts from the resume). With
+`sft.time_limit_min` of training when that ends first: the held-out passes do not count, so that they
+cannot eat a short budget; a resumed run's budget counts from the resume). With
 `[fire] at_sft` the weights first go through FIRE. It writes a new run folder, with checkpoints in the
 trainer's format, metrics.jsonl, the tokenizer, and config.toml whose `trainer.json` says `stage = "sft"`, so
 `ternchat eval --run` prompts it in the chat format. `--resume` continues from its latest checkpoint.
@@ -75,11 +76,14 @@ def masked_loss(model: GPT, inputs: torch.Tensor, targets: torch.Tensor, reducti
                            reduction=reduction)
 
 
-def split_conversations(conversations: list[list[dict]], val_fraction: float, seed: int
+def split_conversations(conversations: list[list[dict]], val_fraction: float, seed: int, val_max: int = 0
                         ) -> tuple[list[list[dict]], list[list[dict]]]:
+    """(train, held out): a seeded share `val_fraction` held out, at most `val_max` conversations (0 = no cap)."""
     order = list(range(len(conversations)))
     random.Random(seed).shuffle(order)
     n_val = int(len(order) * val_fraction)
+    if val_max:
+        n_val = min(n_val, val_max)
     return [conversations[i] for i in order[n_val:]], [conversations[i] for i in order[:n_val]]
 
 
@@ -103,7 +107,7 @@ def sft(parent: Path, out: Path, tasks: Sequence[Problem], corpus_dir: Path | No
     s = cfg.sft
     conversations = [task_conversation(p) for p in tasks for _ in range(s.task_copies)]
     mined = corpus_conversations(corpus_dir, s.corpus_conversations, s.seed) if corpus_dir else []
-    train_set, val_set = split_conversations(conversations + mined, s.val_fraction, s.seed)
+    train_set, val_set = split_conversations(conversations + mined, s.val_fraction, s.seed, s.val_max)
     if not train_set:
         raise DataError("no SFT conversations: give training tasks or a corpus with documented functions")
     seq_len = model.shape.seq_len
@@ -145,10 +149,11 @@ def sft(parent: Path, out: Path, tasks: Sequence[Problem], corpus_dir: Path | No
         stage.metrics.write(step=0, event="val", val_loss=held_out_loss())
     model.train()
     start, losses = time.perf_counter(), []
-    budget = s.time_limit_min * 60
+    budget, held_out_seconds = s.time_limit_min * 60, 0.0
 
-    def progress() -> float:  # the share of the run done: of its steps, or of its time budget if nearer its end
-        return max(stage.step / s.steps, (time.perf_counter() - start) / budget if budget else 0.0)
+    def progress() -> float:  # the share of the run done: of its steps, or of its training-time budget if nearer
+        trained = time.perf_counter() - start - held_out_seconds
+        return max(stage.step / s.steps, trained / budget if budget else 0.0)
 
     bar = tqdm(total=s.steps, initial=stage.step, desc="sft", unit="step")
     while stage.step < s.steps and progress() < 1:
@@ -165,7 +170,9 @@ def sft(parent: Path, out: Path, tasks: Sequence[Problem], corpus_dir: Path | No
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         last = stage.step == s.steps or progress() >= 1
         if stage.step % s.eval_every == 0 or last:
+            held_out_start = time.perf_counter()
             stage.metrics.write(step=stage.step, event="val", val_loss=held_out_loss())
+            held_out_seconds += time.perf_counter() - held_out_start
         if s.checkpoint_every and stage.step % s.checkpoint_every == 0 and not last:
             stage.save()
     bar.close()
