@@ -220,13 +220,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ternchat.evaluation import evaluate
+    from ternchat.evaluation import evaluate, validation_bpb
 
+    if args.what == "bpb":
+        if args.run is None:
+            raise DataError("eval bpb measures a model: give --run (a run folder or a packed model file)")
+        validation_bpb(args.run, args.data, args.batches, args.batch_size or 0)
+        return 0
     evaluate(args.problems, run=args.run, completions_file=args.completions, strict=args.strict,
              samples=args.samples, ks=[int(k) for k in args.k.split(",")], temperature=args.temperature,
              max_tokens=args.max_tokens, seed=args.seed, workers=args.workers, out=args.out,
              experiences=args.experiences, chat=args.chat, allow_unisolated=args.allow_unisolated, top_p=args.top_p,
-             batch_size=args.batch_size, generate_only=args.generate_only)
+             batch_size=args.batch_size or 8, generate_only=args.generate_only)
     return 0
 
 
@@ -524,12 +529,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_unisolated_arg(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("eval", help="compiler-verified evaluation (HumanEval-Rust pass@k)",
+    p = sub.add_parser("eval", help="compiler-verified evaluation (HumanEval-Rust pass@k), val bits per byte",
                        description="humaneval-rust: generate completions with a trained model (--run), read "
                                    "them (--completions) or take the problems' canonical solutions (neither), "
                                    "compile and run each in the rustc sandbox, and report pass@k, compile rate, "
-                                   "semantic correctness and rustc error codes.")
-    p.add_argument("what", choices=["humaneval-rust"])
+                                   "semantic correctness and rustc error codes. bpb: the val loss and bits per "
+                                   "byte of --run on the held-out crates, as the trainer measures them, for any "
+                                   "stage (pretrained, SFT, RL).")
+    p.add_argument("what", choices=["humaneval-rust", "bpb"])
     source = p.add_mutually_exclusive_group()
     source.add_argument("--run", type=Path, metavar="PATH", help="run folder or packed model to sample from")
     source.add_argument("--completions", type=Path, metavar="FILE",
@@ -550,11 +557,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generate-only", action="store_true",
                    help="with --run: write the completions (and how they were sampled) to --out and score nothing, "
                         "for a machine without rustc; score them elsewhere with --completions")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="completions generated together (1 = one at a time; a looped model with Q-exit decodes "
-                        "one at a time)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="completions generated together (default 8; 1 = one at a time; a looped model with Q-exit "
+                        "decodes one at a time); bpb: sequences per batch (default: the run's train.batch_size)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", type=Path, metavar="DIR",
+                   help="bpb: the prepared-data folder whose held-out crates to measure (default: the run's own data)")
+    p.add_argument("--batches", type=int, default=0,
+                   help="bpb: held-out batches of the run's batch size (default: its eval.val_batches)")
     p.add_argument("--workers", type=int, default=0, help="parallel sandboxes (default: all cores)")
     p.add_argument("--out", type=Path, help="report folder")
     p.add_argument("--experiences", type=Path, metavar="FILE",

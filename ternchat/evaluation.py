@@ -1,5 +1,7 @@
 """`ternchat eval humaneval-rust`: completions from a model, a file or the problems' own solutions,
-compiled and run in the rustc sandbox, summarized as pass@k, compile rate and rustc error codes."""
+compiled and run in the rustc sandbox, summarized as pass@k, compile rate and rustc error codes.
+`ternchat eval bpb`: a model's bits per byte on the held-out crates, as the trainer measures them, so that
+the stages after pretraining (SFT, RL) are measured on the same tokens."""
 
 from __future__ import annotations
 
@@ -134,3 +136,44 @@ def evaluate(problems_source: str, *, run: Path | None = None, completions_file:
         + (f"; {len(problem_set.skipped)} problem(s) skipped as unscorable" if problem_set.skipped else "")
         + f" -> {out}")
     return {**summary, "out": str(out)}
+
+
+def validation_bpb(source: Path, data: Path | None = None, batches: int = 0, batch_size: int = 0, log=print) -> dict:
+    """Val loss and bits per byte of `source` (a run folder or a packed model file) on the held-out crates of
+    `data` (a prepared-data folder; default: the run's own data), read as the trainer reads them: `batches`
+    (default: the run's `eval.val_batches`) batches of `batch_size` (default: its `train.batch_size`)
+    sequences of the model's context, from the start of the val split."""
+    import torch
+
+    from ternchat.config import load_config
+    from ternchat.data.errors import DataError
+    from ternchat.data.loader import TokenLoader
+    from ternchat.data.pipeline import prepare_data
+    from ternchat.data.shards import shard_paths
+    from ternchat.eval.bpb import evaluate_bpb
+    from ternchat.runs import load_model_and_tokenizer
+    from ternchat.train.step import autocast_for
+
+    source = Path(source)
+    config_file = source / "config.toml" if (source / "config.toml").exists() else None
+    if config_file is None and data is None:
+        raise DataError(f"{source} does not say which data it was trained on: give its prepared-data folder (--data)")
+    model, tok = load_model_and_tokenizer(source)
+    overrides = [f"tokenizer.vocab_size={tok.vocab_size}"]
+    if data is not None:
+        overrides.append(f"data.prepared={json.dumps(str(Path(data).expanduser().resolve()))}")
+    cfg = load_config(config_file, overrides)
+    prepared = prepare_data(cfg, until="shards", log=log)
+    if prepared.tokenizer.hash != tok.hash:
+        raise DataError(f"{source} was trained with tokenizer {tok.hash}, the data's is {prepared.tokenizer.hash}: "
+                        "give the prepared-data folder it was trained on (--data)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    loader = TokenLoader(shard_paths(prepared.shard_dir, "val"), batch_size or cfg.train.batch_size, model.shape.seq_len,
+                         shuffle=False, tokenizer_hash=tok.hash, device=device, verify=False)
+    token_bytes = torch.tensor(tok.token_bytes(), dtype=torch.float32, device=device)
+    result = evaluate_bpb(model, loader, token_bytes, batches or cfg.eval.val_batches,
+                          autocast_for(cfg.train.dtype, device))
+    log(f"val loss {result['val_loss']:.4f}, val bits per byte {result['val_bpb']:.4f} "
+        f"({result['val_tokens']:,} held-out tokens) -> {source}")
+    return result

@@ -16,6 +16,8 @@ from ternchat.data.pipeline import prepare_data
 from ternchat.paths import ternchat_home
 from ternchat.data.prepared import FUNCTIONS_FILE, TASKS_FILE, export_prepared, open_prepared
 from ternchat.eval.engine import complete
+from ternchat.cli import main
+from ternchat.evaluation import validation_bpb
 from ternchat.runs import load_model_and_tokenizer, run_stage
 from ternchat.speedrun import speedrun
 from ternchat.train.metrics import MetricsLog
@@ -102,7 +104,7 @@ def test_the_held_out_share_is_capped():
 
 
 def test_speedrun_pretrains_fine_tunes_and_writes_a_model_file_from_the_folder_alone(tmp_path, fixture_crates,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, capsys):
     folder, manifest, _, sources = _carrying_folder(tmp_path, fixture_crates)
     monkeypatch.setenv("TERNCHAT_HOME", str(tmp_path / "fresh_home"))  # no corpus, no tasks file here
     cfg = load_config(overrides=[*tiny_overrides([sources]), f"data.prepared={json.dumps(str(folder))}",
@@ -121,4 +123,11 @@ def test_speedrun_pretrains_fine_tunes_and_writes_a_model_file_from_the_folder_a
     assert "## SFT" in report and "| steps | 3 in" in report and str(model_file) in report
     model, tok = load_model_and_tokenizer(model_file)  # the file alone: tokenizer inside
     assert isinstance(complete(model, tok, "fn main() {", 4, temperature=0.0), str)
+    # eval bpb measures any stage as the trainer measured the pretrained model: on its final weights, the same number
+    pretrained = tmp_path / "runs" / "tiny"
+    assert validation_bpb(pretrained, log=logs.append)["val_bpb"] == pytest.approx(result["val_bpb"], rel=1e-6)
+    assert 0 < validation_bpb(model_file, folder, batch_size=4, log=logs.append)["val_bpb"] < 20  # the SFT stage, from its file
+    assert main(["eval", "bpb", "--run", str(model_file), "--data", str(folder), "--batch-size", "4"]) == 0
+    assert main(["eval", "bpb", "--run", str(model_file)]) == 1  # a file alone does not say which data
+    assert "give its prepared-data folder (--data)" in capsys.readouterr().err
     assert not (tmp_path / "fresh_home").exists() or not any((tmp_path / "fresh_home").rglob("*.jsonl"))
