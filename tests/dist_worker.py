@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ternchat.config import load_config
+from ternchat.model.bitlinear import set_training_gemm
 from ternchat.model.gpt import GPT, GPTShape
 from ternchat.optim.factory import build_optimizer
 from ternchat.train.distributed import (Ranks, full_model_state, gradients_complete, init_distributed,
@@ -41,9 +42,9 @@ def main() -> Ranks:
                         help="split this rank's rows into this many accumulated micro-batches")
     parser.add_argument("--mtp", choices=("none", "heads", "modules"), default="none",
                         help="multi-token prediction: two heads, or one module")
-    parser.add_argument("--arch", choices=("plain", "mhc-loop", "gemm-hooks"), default="plain",
+    parser.add_argument("--arch", choices=("plain", "mhc-loop", "gemm-hooks", "int8"), default="plain",
                         help="mhc-loop: four mHC residual streams and two LoopLM passes; gemm-hooks: FP8 GEMMs "
-                             "everywhere and Collider filtering 40% of the tokens")
+                             "everywhere and Collider filtering 40% of the tokens; int8: the exact int8 forward")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     overrides = ["model.depth=2", "model.d_model=64", "model.n_heads=2", f"model.seq_len={SEQ}",
@@ -57,6 +58,8 @@ def main() -> Ranks:
         overrides += ["mhc.enabled=true", "loop.enabled=true", "loop.steps=2"]
     if args.arch == "gemm-hooks":
         overrides += ["fp4.recipe=fp8", "fp4.bf16_last_blocks=0", "fp4.quantize_head=true", "collider.enabled=true"]
+    if args.arch == "int8":
+        overrides.append("model.ternary_gemm=int8")
     if args.optim == "8bit-muon":
         overrides.append("optim.use_8bit_optim=true")
     if args.optim == "gum":
@@ -67,6 +70,7 @@ def main() -> Ranks:
     device = init_distributed(cfg.dist, ranks)
     torch.manual_seed(0)
     model = GPT(GPTShape.from_config(cfg, VOCAB)).to(model_home(cfg.dist, device))
+    set_training_gemm(model, cfg.model.ternary_gemm)
     with torch.no_grad():  # the residual projections start at zero; give every matrix a gradient
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))

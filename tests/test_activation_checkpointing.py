@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ternchat.config import load_config
+from ternchat.model.bitlinear import set_training_gemm
 from ternchat.model.gpt import GPT, GPTShape
 from ternchat.plan import measure_cpu, plan_memory
 from ternchat.train.activation_checkpointing import apply_activation_checkpointing
@@ -15,9 +16,10 @@ SMALL = ["model.depth=4", "model.d_model=256", "model.n_heads=4", "model.seq_len
          "tokenizer.vocab_size=2048", "train.dtype=bf16"]
 
 
-def gradients(mode: str, autocast: bool) -> dict[str, torch.Tensor]:
+def gradients(mode: str, autocast: bool, gemm: str = "float") -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = GPT(GPTShape(vocab_size=512, depth=3, d_model=64, n_heads=2, d_ff=256, seq_len=32, quant="ternary"))
+    set_training_gemm(model, gemm)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -31,8 +33,9 @@ def gradients(mode: str, autocast: bool) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_recompute_gives_the_same_gradients(mode, autocast):
-    reference, got = gradients("none", autocast), gradients(mode, autocast)
+@pytest.mark.parametrize("gemm", ["float", "int8"])
+def test_recompute_gives_the_same_gradients(mode, autocast, gemm):
+    reference, got = gradients("none", autocast, gemm), gradients(mode, autocast, gemm)
     for name in reference:
         assert torch.equal(reference[name], got[name]), name  # the same ops on the same inputs: bit-identical
 

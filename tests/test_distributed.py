@@ -123,6 +123,18 @@ def test_fp8_gemms_and_collider_under_two_ranks_match_one_process(tmp_path, stra
     assert max_difference(one["params"], two["params"]) < 1e-6
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_the_exact_int8_forward_under_two_ranks_matches_one_process(tmp_path, strategy):
+    # Activation scales are per row and beta per whole weight (FSDP2 gathers it before the forward): a rank
+    # computes exactly the integer products one process computes for its rows.
+    one = run_worker(tmp_path, 1, "--optim", "sgd", "--arch", "int8")
+    two = run_worker(tmp_path, 2, "--strategy", strategy, "--optim", "sgd", "--arch", "int8")
+    assert max_difference(one["grads"], two["grads"]) < 1e-6
+    assert max_difference(one["params"], two["params"]) < 1e-6
+    plain = run_worker(tmp_path, 1, "--optim", "sgd")
+    assert max_difference(one["grads"], plain["grads"]) > 0  # the integer product ran
+
+
 @pytest.mark.parametrize("strategy, optim", [("ddp", "muon"), ("fsdp2", "muon"), ("fsdp2", "8bit-muon"),
                                              ("fsdp2", "gum")])
 def test_two_ranks_match_one_process_with_matrix_optimizers(tmp_path, strategy, optim):
