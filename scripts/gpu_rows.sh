@@ -5,8 +5,9 @@
 #                                # optimizer and recompute mode (eager); bf16 vs FP8 GEMMs. One 80 GB GPU.
 #   scripts/gpu_rows.sh c        # preset C (5B, offload) with the GPU capped at 24 GiB
 #   scripts/gpu_rows.sh a        # preset A (7B) capped at 96 GiB: needs a GPU with more than 96 GiB
-#   scripts/gpu_rows.sh int8     # ~125M model compiled: dense bf16, ternary (float product) and ternary
-#                                # with the exact int8 product, in one run; the CUDA int8 test first
+#   scripts/gpu_rows.sh int8     # ~125M model compiled: dense bf16, ternary (float product), ternary with
+#                                # the exact int8 product, and with the FP8 input gradient as well, in one
+#                                # run; the CUDA tests of both first
 #
 # Each benchmark's table goes to stdout and its JSON and log to $RESULTS (default gpu_rows/).
 # The presets run 4 micro-batches per optimizer step instead of their 26 or 32, so that a few steps
@@ -52,11 +53,12 @@ a)
         --warmup 1 --set train.grad_accum=4
     ;;
 int8)
-    python3 -m pytest -q -p no:cacheprovider tests/test_int8_forward.py -k cuda 2>&1 | tail -n 3
+    python3 -m pytest -q -p no:cacheprovider tests/test_int8_forward.py -k "cuda or tensor_cores" -rs 2>&1 | tail -n 4
     bench gemm gemm
     bench scale_dense scale --config $SMALL --steps 10 --warmup 3 --set model.quant=none
     bench scale_ternary_float scale --config $SMALL --steps 10 --warmup 3
     bench scale_ternary_int8 scale --config $SMALL --steps 10 --warmup 3 --set model.ternary_gemm=int8
+    bench scale_ternary_int8_fp8dx scale --config $SMALL --steps 10 --warmup 3 --set model.ternary_gemm=int8_fp8_dx
     ;;
 *)
     echo "usage: $0 small|c|a|int8" >&2

@@ -134,10 +134,12 @@ class ModelConfig:
                                      "bitnet graph have none)")
     tie_embeddings: bool = _field(False, doc="the LM head is the token embedding (llama.cpp's bitnet graph and "
                                              "microsoft/bitnet-b1.58-2B-4T tie them)")
-    ternary_gemm: str = _field("float", choices=("float", "int8"),
-                               doc="BitLinear's training forward: float multiplies the dequantized operands in the "
+    ternary_gemm: str = _field("float", choices=("float", "int8", "int8_fp8_dx"),
+                               doc="BitLinear's training products: float multiplies the dequantized operands in the "
                                    "autocast dtype; int8 multiplies the int8 activation and weight codes exactly "
-                                   "(torch._int_mm, int8 tensor cores on CUDA sm_80+) and scales afterwards")
+                                   "(torch._int_mm, int8 tensor cores on CUDA sm_80+) and scales afterwards; "
+                                   "int8_fp8_dx also computes the input gradient in FP8 (the codes exact in E4M3, "
+                                   "the output gradient scaled per row; FP8 tensor cores on CUDA sm_89+)")
 
 
 @dataclass
@@ -573,11 +575,12 @@ def _validate(cfg: Config) -> None:
     if cfg.collider.enabled and (cfg.mtp.kind != "none" or cfg.loop.enabled):
         raise ConfigError("collider.enabled filters the next-token loss of a plain objective; it does not combine "
                           "with mtp.kind or loop.enabled yet")
-    if m.ternary_gemm == "int8" and m.quant != "ternary":
-        raise ConfigError("model.ternary_gemm = 'int8' multiplies ternary codes; it needs model.quant = 'ternary'")
-    if m.ternary_gemm == "int8" and (f.recipe != "none" or cfg.collider.enabled):
-        raise ConfigError("model.ternary_gemm = 'int8' replaces the linear's own GEMMs, so it does not combine with "
-                          "fp4.recipe or collider.enabled; set model.ternary_gemm = 'float' for those")
+    if m.ternary_gemm != "float" and m.quant != "ternary":
+        raise ConfigError(f"model.ternary_gemm = {m.ternary_gemm!r} multiplies ternary codes; it needs "
+                          "model.quant = 'ternary'")
+    if m.ternary_gemm != "float" and (f.recipe != "none" or cfg.collider.enabled):
+        raise ConfigError(f"model.ternary_gemm = {m.ternary_gemm!r} replaces the linear's own GEMMs, so it does not "
+                          "combine with fp4.recipe or collider.enabled; set model.ternary_gemm = 'float' for those")
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:

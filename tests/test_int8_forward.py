@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ternchat.config import ConfigError, load_config
 from ternchat.model.bitlinear import (BitLinear, ExactInt8Product, int8_product_fits, set_training_gemm,
@@ -56,6 +55,51 @@ def test_outputs_follow_the_float_path_and_gradients_are_its_own():
     assert torch.equal(dx_int8, dx_float) and torch.equal(dw_int8, dw_float)  # exact: the same backward ops
 
 
+def fp8_and_exact_gradients(dtype: torch.dtype, device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    """A BitLinear's (dX, dW) with the FP8 input gradient and with the exact one, in fp64 from its codes."""
+    torch.manual_seed(0)
+    layer = BitLinear(256, 96).to(device)
+    x = torch.randn(64, 256, device=device, dtype=dtype, requires_grad=True)
+    upstream = torch.randn(64, 96, device=device, dtype=dtype) * torch.logspace(-3, 1, 64, device=device)[:, None]
+    set_training_gemm(layer, "int8_fp8_dx")
+    with torch.autocast(device, torch.bfloat16, enabled=dtype == torch.bfloat16):
+        (layer(x) * upstream).sum().backward()
+    dx, dw = x.grad.clone(), layer.weight.grad.clone()
+    set_training_gemm(layer, "int8")
+    x.grad = layer.weight.grad = None
+    with torch.autocast(device, torch.bfloat16, enabled=dtype == torch.bfloat16):
+        (layer(x) * upstream).sum().backward()
+    beta = ternary_scale(layer.weight.float())
+    w_q = ternary_codes(layer.weight.float(), beta).double() * beta.double()
+    return dx, dw, layer.weight.grad, upstream, w_q
+
+
+def test_the_fp8_input_gradient_rounds_only_the_output_gradient():
+    dx, dw, dw_int8, upstream, w_q = fp8_and_exact_gradients(torch.float32)
+    assert torch.equal(dw, dw_int8)  # dW keeps the output gradient's own dtype
+    exact = upstream.double() @ w_q
+    # E4M3 keeps 3 mantissa bits: a normal value rounds within 2^-4 of itself, one below 2^-6 of its row's
+    # scale (a subnormal) within 2^-10 of that scale; the codes are exact, and fp32 sums 96 products
+    scale = upstream.abs().amax(-1, keepdim=True).double() / 448
+    rounding = torch.maximum(upstream.abs().double() * 2.0 ** -4, scale * 2.0 ** -10)
+    bound = rounding @ w_q.abs() + matmul_bound(upstream.double(), w_q).double()
+    assert_within(dx.double(), exact, bound, "dX")
+    assert not torch.allclose(dx.double(), exact, rtol=1e-6, atol=0)  # the FP8 rounding ran
+    # one scale per row: rows whose gradients are a thousand times smaller keep their relative accuracy
+    relative = (dx.double() - exact).norm(dim=-1) / exact.norm(dim=-1)
+    assert relative.max() < 2.0 ** -4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU with FP8 tensor cores (sm_89+)")
+def test_on_fp8_tensor_cores_the_input_gradient_is_the_emulated_one():
+    dx, _, _, upstream, w_q = fp8_and_exact_gradients(torch.bfloat16, "cuda")
+    assert dx.dtype == torch.bfloat16
+    exact = upstream.double() @ w_q
+    relative = (dx.double() - exact).norm(dim=-1) / exact.norm(dim=-1)
+    assert relative.max() < 2.0 ** -4 + 2.0 ** -8  # FP8's rounding of dY, then bf16's of the result
+
+
 def train_losses(gemm: str, compiled: bool = False, steps: int = 4) -> list[float]:
     torch.manual_seed(0)
     model = set_training_gemm(GPT(SHAPE), gemm)
@@ -80,9 +124,18 @@ def test_a_few_training_steps_match_the_float_path():
     assert int8 == pytest.approx(floats, rel=1e-4)
 
 
+def test_a_few_training_steps_with_the_fp8_input_gradient_follow_the_exact_one():
+    fp8, int8 = train_losses("int8_fp8_dx"), train_losses("int8")
+    assert fp8 != int8
+    # the first loss is the forward's alone; the later ones follow updates whose input gradients differ by
+    # FP8's rounding (within 2^-4 relative) and stay within 1% of the exact gradient's
+    assert fp8[0] == int8[0] and fp8 == pytest.approx(int8, rel=1e-2)
+
+
 @pytest.mark.inductor
-def test_the_int8_product_compiles():
-    assert train_losses("int8", compiled=True) == pytest.approx(train_losses("int8"), rel=1e-4)
+@pytest.mark.parametrize("gemm", ["int8", "int8_fp8_dx"])
+def test_the_int8_product_compiles(gemm):
+    assert train_losses(gemm, compiled=True) == pytest.approx(train_losses(gemm), rel=1e-4)
 
 
 def test_int8_needs_ternary_weights_and_no_gemm_hooks():
@@ -91,6 +144,8 @@ def test_int8_needs_ternary_weights_and_no_gemm_hooks():
         load_config(overrides=["model.ternary_gemm=int8", "model.quant=none"])
     with pytest.raises(ConfigError, match="does not combine with fp4.recipe or collider.enabled"):
         load_config(overrides=["model.ternary_gemm=int8", "fp4.recipe=fp8"])
+    with pytest.raises(ConfigError, match="needs model.quant = 'ternary'"):
+        load_config(overrides=["model.ternary_gemm=int8_fp8_dx", "model.quant=none"])
 
 
 def logits_by_product(device: str) -> dict[str, torch.Tensor]:

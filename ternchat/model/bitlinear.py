@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ternchat.model.fp4 import E4M3_MAX, has_fp8_tensor_cores
 from ternchat.model.linear import NO_HOOKS, Gemm, Linear, linear
 
 EPS = 1e-5
@@ -57,6 +58,24 @@ def ste(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
     return quantized.detach() + (x - x.detach())
 
 
+def fp8_input_gradient(dy: torch.Tensor, codes: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """dX = dY W_q for W_q = codes * beta, with dY in FP8 E4M3 under one scale per row (amax / 448) and the
+    codes in E4M3, where -1, 0 and +1 are exact, so that dY's rounding is the only one before the fp32
+    accumulation. On FP8 tensor cores (CUDA sm_89+, bf16 gradients, sizes multiples of 16) `torch._scaled_mm`
+    multiplies them with row scales for dY and beta for the codes; elsewhere the same FP8 values are
+    multiplied in fp32. Returns dY's dtype."""
+    rows, out_features = dy.shape
+    row_scale = (dy.abs().amax(dim=-1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)
+    dy8 = (dy.float() / row_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    in_features = codes.shape[1]
+    if (has_fp8_tensor_cores(dy.device) and dy.dtype == torch.bfloat16
+            and out_features % 16 == 0 and in_features % 16 == 0):
+        codes8 = codes.float().to(torch.float8_e4m3fn).t().contiguous().t()  # (out, in), column-major
+        beta_per_column = beta.float().expand(1, in_features).contiguous()
+        return torch._scaled_mm(dy8, codes8, scale_a=row_scale, scale_b=beta_per_column, out_dtype=dy.dtype)
+    return ((dy8.float() * row_scale) @ codes.float() * beta).to(dy.dtype)
+
+
 class ExactInt8Product(torch.autograd.Function):
     """BitLinear's training product on integer tensor cores: y = (x_int8 @ codes^T) * (beta / s_x).
 
@@ -65,27 +84,30 @@ class ExactInt8Product(torch.autograd.Function):
     128 * K < 2^31), and the two scales are applied once per output afterwards. The float path instead
     rounds the dequantized operands to the autocast dtype before multiplying. The backward is the
     straight-through estimator's, as on the float path: dX = dY W_q and dW = dY^T X_q with the dequantized
-    operands in dY's dtype. It saves the int8 codes, not the float operands."""
+    operands in dY's dtype; with `fp8_dx`, dX takes FP8 instead (`fp8_input_gradient`: W_q is exact there,
+    only dY is rounded) while dW keeps dY's dtype. It saves the int8 codes, not the float operands."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype, fp8_dx: bool = False) -> torch.Tensor:
         x_int, scale = activation_codes(x.detach())
         beta = ternary_scale(w.detach().float())
         codes = ternary_codes(w.detach().float(), beta).to(torch.int8)
         y = torch._int_mm(x_int, codes.t()).float() * (beta / scale)  # codes.t(): (in, out), column-major
         ctx.save_for_backward(x_int, scale, codes, beta)
-        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, w.dtype
+        ctx.x_shape, ctx.x_dtype, ctx.w_dtype, ctx.fp8_dx = x.shape, x.dtype, w.dtype, fp8_dx
         return y.view(*x.shape[:-1], codes.shape[0]).to(out_dtype)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
         x_int, scale, codes, beta = ctx.saved_tensors
         dy = dy.reshape(-1, dy.shape[-1])
         x_q = (x_int.float() / scale).to(dy.dtype)
-        w_q = (codes.float() * beta).to(dy.dtype)
-        dx = (dy @ w_q).view(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.fp8_dx:
+            dx = fp8_input_gradient(dy, codes, beta)
+        else:
+            dx = dy @ (codes.float() * beta).to(dy.dtype)
         dw = (dy.t() @ x_q).to(ctx.w_dtype)
-        return dx, dw, None
+        return dx.view(ctx.x_shape).to(ctx.x_dtype), dw, None, None
 
 
 def int8_product_fits(x: torch.Tensor, out_features: int) -> bool:
@@ -100,19 +122,21 @@ def int8_product_fits(x: torch.Tensor, out_features: int) -> bool:
 
 class BitLinear(nn.Linear):
     """A bias-free linear whose forward uses ternary weights and 8-bit activations. With `int8_forward`
-    (and no GEMM hooks) the product runs as exact integers (`ExactInt8Product`)."""
+    (and no GEMM hooks) the product runs as exact integers (`ExactInt8Product`), and with `fp8_input_grad`
+    as well its input gradient takes FP8."""
 
     def __init__(self, in_features: int, out_features: int, gemm: Gemm = NO_HOOKS):
         super().__init__(in_features, out_features, bias=False)
         self.gemm = gemm
         self.int8_forward = False
+        self.fp8_input_grad = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if self.int8_forward and not self.gemm.hooked and int8_product_fits(x, self.out_features):
             autocast = torch.is_autocast_enabled(x.device.type)
             out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-            return ExactInt8Product.apply(x, w, out_dtype)
+            return ExactInt8Product.apply(x, w, out_dtype, self.fp8_input_grad)
         # Quantize in fp32 even under autocast, so the ternary grid does not depend on the dtype; the
         # rounding has no gradient, so it is computed outside autograd and joined by the STE.
         with torch.no_grad():
@@ -212,17 +236,19 @@ def to_inference(model: nn.Module) -> nn.Module:
     return model
 
 
-TRAINING_GEMMS = ("float", "int8")
+TRAINING_GEMMS = ("float", "int8", "int8_fp8_dx")
 
 
 def set_training_gemm(model: nn.Module, gemm: str) -> nn.Module:
-    """Choose the forward product of every BitLinear in `model`: "float" (dequantized operands) or "int8"
-    (exact integer product, `ExactInt8Product`); layers with GEMM hooks keep theirs. Returns the model."""
+    """Choose the products of every BitLinear in `model`: "float" (dequantized operands), "int8" (the exact
+    integer forward, `ExactInt8Product`) or "int8_fp8_dx" (that, and the input gradient in FP8); layers with
+    GEMM hooks keep theirs. Returns the model."""
     if gemm not in TRAINING_GEMMS:
         raise ValueError(f"unknown training GEMM {gemm!r}; choose one of {', '.join(TRAINING_GEMMS)}")
     for module in model.modules():
         if isinstance(module, BitLinear):
-            module.int8_forward = gemm == "int8"
+            module.int8_forward = gemm != "float"
+            module.fp8_input_grad = gemm == "int8_fp8_dx"
     return model
 
 
