@@ -269,6 +269,11 @@ class TrainConfig:
     max_bad_steps: int = _field(5, min=1, doc="consecutive non-finite losses that stop the run")
     dtype: str = _field("auto", choices=("auto", "bf16", "fp32"), doc="autocast dtype; auto = bf16 where supported")
     compile: bool = _field(True, doc="torch.compile the model (falls back to eager without a C++ compiler on CPU)")
+    compile_scope: str = _field("auto", choices=("auto", "model", "blocks"),
+                                doc="what train.compile compiles: the whole model, or each transformer block on its "
+                                    "own (regional compilation: the blocks share one compiled graph, so it compiles "
+                                    "once whatever the depth); auto = blocks with mhc.enabled, whose whole-model "
+                                    "graph compiles 4-5x slower than the plain model's, else model")
     seed: int = _field(42, min=0, doc="seed of init and data order")
     checkpoint_every: int = _field(200, min=0, doc="steps between checkpoints; 0 = only at the end")
     activation_checkpointing: str = _field("none", choices=("none", "full", "selective"),

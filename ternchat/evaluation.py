@@ -169,8 +169,8 @@ def validation_bpb(source: Path, data: Path | None = None, batches: int = 0, bat
                         "give the prepared-data folder it was trained on (--data)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    loader = TokenLoader(shard_paths(prepared.shard_dir, "val"), batch_size or cfg.train.batch_size, model.shape.seq_len,
-                         shuffle=False, tokenizer_hash=tok.hash, device=device, verify=False)
+    loader = TokenLoader(shard_paths(prepared.shard_dir, "val"), batch_size or cfg.train.batch_size,
+                         model.shape.seq_len, shuffle=False, tokenizer_hash=tok.hash, device=device, verify=False)
     token_bytes = torch.tensor(tok.token_bytes(), dtype=torch.float32, device=device)
     result = evaluate_bpb(model, loader, token_bytes, batches or cfg.eval.val_batches,
                           autocast_for(cfg.train.dtype, device))

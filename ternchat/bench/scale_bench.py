@@ -31,7 +31,7 @@ from ternchat.train.distributed import Ranks, init_distributed, launched_ranks, 
 from ternchat.train.errors import RunError
 from ternchat.train.report import bf16_peak_tflops, machine
 from ternchat.train.step import autocast_for, optimizer_step
-from ternchat.train.trainer import build_training, compile_if_possible, peak_memory_bytes
+from ternchat.train.trainer import build_training, compile_if_possible, compile_scope, peak_memory_bytes
 
 def bench_scale(cfg: Config, steps: int, warmup: int, memory_cap: int | None = None,
                 peak_tflops: float | None = None, allow_cpu: bool = False, profile: Path | None = None) -> dict:
@@ -59,7 +59,7 @@ def _measure(cfg: Config, steps: int, warmup: int, ranks: Ranks, device: torch.d
     t = cfg.train
     shape = GPTShape.from_config(cfg, cfg.tokenizer.vocab_size)
     model, parallel_model, optimizer = build_training(cfg, shape, ranks, device)
-    forward = compile_if_possible(parallel_model, device, print) if t.compile else parallel_model
+    forward = compile_if_possible(parallel_model, device, print, compile_scope(cfg)) if t.compile else parallel_model
     autocast = autocast_for(t.dtype, device)
     generator = torch.Generator().manual_seed(t.seed + ranks.rank)
     batches = [torch.randint(0, shape.vocab_size, (t.batch_size, shape.seq_len + 1), generator=generator)
@@ -83,6 +83,7 @@ def _measure(cfg: Config, steps: int, warmup: int, ranks: Ranks, device: torch.d
 
     optimizer.step = timed_update
     seconds, losses = [], []
+    first_step_seconds = 0.0
     for step in range(warmup + steps):
         if step == warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -98,6 +99,8 @@ def _measure(cfg: Config, steps: int, warmup: int, ranks: Ranks, device: torch.d
             sync()
         if profiling:
             write_profile(profiler, profile)
+        if step == 0:
+            first_step_seconds = time.perf_counter() - start
         if step >= warmup:
             seconds.append(time.perf_counter() - start)
         if ranks.main:
@@ -117,7 +120,10 @@ def _measure(cfg: Config, steps: int, warmup: int, ranks: Ranks, device: torch.d
               "losses": losses, "peak_memory_bytes": peak_memory_bytes(device), "memory_cap_bytes": memory_cap,
               "planned_tensor_bytes": planned_tensors, "planned_bytes": plan.total,
               "activation_checkpointing": t.activation_checkpointing, "strategy": cfg.dist.strategy,
-              "offload": cfg.dist.offload, "compile": t.compile}
+              "offload": cfg.dist.offload, "compile": t.compile,
+              "compile_scope": compile_scope(cfg) if t.compile else None,
+              # the first step traces and compiles the model (and autotunes): what it took beyond a measured step
+              "compile_seconds": first_step_seconds - sum(seconds) / len(seconds) if t.compile else None}
     return result
 
 
@@ -145,7 +151,9 @@ def format_scale(r: dict) -> str:
     return "\n".join([
         f"{r['device']} x {r['world_size']}{cap}: {r['parameters'] / 1e6:,.1f}M parameters, "
         f"{r['tokens_per_step']:,} tokens per step, recompute {r['activation_checkpointing']}, "
-        f"strategy {r['strategy']}{', offload' if r['offload'] else ''}, compile {r['compile']}",
+        f"strategy {r['strategy']}{', offload' if r['offload'] else ''}, compile {r['compile']}"
+        + (f" ({r['compile_scope']}; the first step took {r['compile_seconds']:.1f} s more than a measured one)"
+           if r.get("compile_seconds") is not None else ""),
         f"tok/s {r['tok_s']:,.0f} ({r['seconds_per_step']:.2f} s per step over {r['steps']} steps after "
         f"{r['warmup']} warm-up), of which optimizer.step {r['update_seconds_per_step']:.2f} s",
         f"model FLOP rate 6 x params x tok/s: {r['model_tflops']:,.3f} TFLOP/s; {mfu}",

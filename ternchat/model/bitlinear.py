@@ -64,7 +64,7 @@ def fp8_input_gradient(dy: torch.Tensor, codes: torch.Tensor, beta: torch.Tensor
     accumulation. On FP8 tensor cores (CUDA sm_89+, bf16 gradients, sizes multiples of 16) `torch._scaled_mm`
     multiplies them with row scales for dY and beta for the codes; elsewhere the same FP8 values are
     multiplied in fp32. Returns dY's dtype."""
-    rows, out_features = dy.shape
+    out_features = dy.shape[1]
     row_scale = (dy.abs().amax(dim=-1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)
     dy8 = (dy.float() / row_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     in_features = codes.shape[1]

@@ -11,13 +11,14 @@ comment and signature; the assistant writes its body and closing brace. There ar
 The loss is the cross-entropy of the assistant's tokens only (the mask of `render_conversation`),
 averaged over those tokens in the batch. Conversations are padded to the longest in the batch and cut
 at the model's context. A seeded share (`sft.val_fraction`, at most `sft.val_max` conversations) is held
-out, and its loss is logged every `sft.eval_every` steps. That held-out curve is how plasticity is compared with and without FIRE.
+out, and its loss is logged every `sft.eval_every` steps. That held-out curve is how plasticity is
+compared with and without FIRE.
 
 The run starts from a pretrained run's latest checkpoint, with its latent weights, tokenizer and
 optimizers (learning rates times `sft.lr_scale`, decayed linearly to 0 over `sft.steps`, or over
 `sft.time_limit_min` of training when that ends first: the held-out passes do not count, so that they
-cannot eat a short budget; a resumed run's budget counts from the resume). With
-`[fire] at_sft` the weights first go through FIRE. It writes a new run folder, with checkpoints in the
+cannot eat a short budget; a resumed run's budget counts from the resume). With `[fire] at_sft` the
+weights first go through FIRE. It writes a new run folder, with checkpoints in the
 trainer's format, metrics.jsonl, the tokenizer, and config.toml whose `trainer.json` says `stage = "sft"`, so
 `ternchat eval --run` prompts it in the chat format. `--resume` continues from its latest checkpoint.
 """

@@ -34,7 +34,7 @@ from ternchat.data.pipeline import prepare_data
 from ternchat.data.shards import shard_paths
 from ternchat.eval.bpb import evaluate_bpb
 from ternchat.model.bitlinear import set_training_gemm, to_inference
-from ternchat.model.gpt import GPT, GPTShape
+from ternchat.model.gpt import GPT, Block, GPTShape
 from ternchat.model.objective import objective_metrics
 from ternchat.optim.factory import CombinedOptimizer, build_optimizer
 from ternchat.train.events import Events, pretraining_events
@@ -78,10 +78,23 @@ def peak_memory_bytes(device: torch.device) -> int:
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def compile_if_possible(model: torch.nn.Module, device: torch.device, log) -> torch.nn.Module:
-    """torch.compile, unless the CPU backend's C++ compiler is missing (then eager, with a warning)."""
+def compile_scope(cfg: Config) -> str:
+    """What `train.compile` compiles: "model" or "blocks" (`train.compile_scope`, auto resolved)."""
+    if cfg.train.compile_scope != "auto":
+        return cfg.train.compile_scope
+    return "blocks" if cfg.mhc.enabled else "model"
+
+
+def compile_if_possible(model: torch.nn.Module, device: torch.device, log, scope: str = "model") -> torch.nn.Module:
+    """torch.compile of the whole model, or with `scope` "blocks" of each transformer block's forward in place
+    (the FSDP2 and checkpointing wrappers around a block stay eager); eager, with a warning, where the CPU
+    backend's C++ compiler is missing. Returns the module to call."""
     if device.type == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
         log("warning: train.compile is on but no C++ compiler (g++/clang++) is on PATH; training eagerly")
+        return model
+    if scope == "blocks":
+        for block in (m for m in model.modules() if isinstance(m, Block)):
+            block.forward = torch.compile(block.forward)
         return model
     return torch.compile(model)
 
@@ -136,7 +149,7 @@ class Trainer:
         self.val_paths = shard_paths(data.shard_dir, "val")
         self.token_bytes = torch.tensor(self.tok.token_bytes(), dtype=torch.float32, device=self.device)
         self.autocast = autocast_for(t.dtype, self.device)
-        self.forward = (compile_if_possible(self.parallel_model, self.device, log) if t.compile
+        self.forward = (compile_if_possible(self.parallel_model, self.device, log, compile_scope(cfg)) if t.compile
                         else self.parallel_model)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.ranks.main)
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
