@@ -147,10 +147,9 @@ def validation_bpb(source: Path, data: Path | None = None, batches: int = 0, bat
 
     from ternchat.config import load_config
     from ternchat.data.errors import DataError
-    from ternchat.data.loader import TokenLoader
     from ternchat.data.pipeline import prepare_data
     from ternchat.data.shards import shard_paths
-    from ternchat.eval.bpb import evaluate_bpb
+    from ternchat.eval.bpb import held_out_bpb
     from ternchat.runs import load_model_and_tokenizer
     from ternchat.train.step import autocast_for
 
@@ -169,11 +168,10 @@ def validation_bpb(source: Path, data: Path | None = None, batches: int = 0, bat
                         "give the prepared-data folder it was trained on (--data)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    loader = TokenLoader(shard_paths(prepared.shard_dir, "val"), batch_size or cfg.train.batch_size,
-                         model.shape.seq_len, shuffle=False, tokenizer_hash=tok.hash, device=device, verify=False)
     token_bytes = torch.tensor(tok.token_bytes(), dtype=torch.float32, device=device)
-    result = evaluate_bpb(model, loader, token_bytes, batches or cfg.eval.val_batches,
-                          autocast_for(cfg.train.dtype, device))
+    result = held_out_bpb(model, shard_paths(prepared.shard_dir, "val"), token_bytes,
+                          batch_size or cfg.train.batch_size, model.shape.seq_len, batches or cfg.eval.val_batches,
+                          autocast_for(cfg.train.dtype, device), tok.hash)
     log(f"val loss {result['val_loss']:.4f}, val bits per byte {result['val_bpb']:.4f} "
         f"({result['val_tokens']:,} held-out tokens) -> {source}")
     return result

@@ -96,10 +96,10 @@ def test_at_init_the_mhc_model_computes_the_plain_models_function():
 
 @pytest.mark.inductor
 def test_compiling_the_mhc_model_block_by_block_gives_the_eager_loss_and_gradients():
-    from ternchat.train.trainer import compile_if_possible, compile_scope
+    from ternchat.train.trainer import compile_if_possible
 
-    assert compile_scope(load_config(overrides=["mhc.enabled=true"])) == "blocks"  # one key: mHC compiles by block
-    assert compile_scope(load_config()) == "model"
+    assert load_config(overrides=["mhc.enabled=true"]).compile_scope() == "blocks"  # one key: mHC compiles by block
+    assert load_config().compile_scope() == "model"
     model = jiggle(model_of(mhc_streams=4, depth=3))
     x = torch.randint(0, 48, (2, 25), generator=torch.Generator().manual_seed(0))
     eager_loss = model(x[:, :-1], x[:, 1:])

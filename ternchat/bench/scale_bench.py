@@ -31,7 +31,7 @@ from ternchat.train.distributed import Ranks, init_distributed, launched_ranks, 
 from ternchat.train.errors import RunError
 from ternchat.train.report import bf16_peak_tflops, machine
 from ternchat.train.step import autocast_for, optimizer_step
-from ternchat.train.trainer import build_training, compile_if_possible, compile_scope, peak_memory_bytes
+from ternchat.train.trainer import build_training, peak_memory_bytes, training_forward
 
 def bench_scale(cfg: Config, steps: int, warmup: int, memory_cap: int | None = None,
                 peak_tflops: float | None = None, allow_cpu: bool = False, profile: Path | None = None) -> dict:
@@ -59,7 +59,7 @@ def _measure(cfg: Config, steps: int, warmup: int, ranks: Ranks, device: torch.d
     t = cfg.train
     shape = GPTShape.from_config(cfg, cfg.tokenizer.vocab_size)
     model, parallel_model, optimizer = build_training(cfg, shape, ranks, device)
-    forward = compile_if_possible(parallel_model, device, print, compile_scope(cfg)) if t.compile else parallel_model
+    forward = training_forward(cfg, parallel_model, device, print)
     autocast = autocast_for(t.dtype, device)
     generator = torch.Generator().manual_seed(t.seed + ranks.rank)
     batches = [torch.randint(0, shape.vocab_size, (t.batch_size, shape.seq_len + 1), generator=generator)
@@ -121,7 +121,7 @@ def _measure(cfg: Config, steps: int, warmup: int, ranks: Ranks, device: torch.d
               "planned_tensor_bytes": planned_tensors, "planned_bytes": plan.total,
               "activation_checkpointing": t.activation_checkpointing, "strategy": cfg.dist.strategy,
               "offload": cfg.dist.offload, "compile": t.compile,
-              "compile_scope": compile_scope(cfg) if t.compile else None,
+              "compile_scope": cfg.compile_scope() if t.compile else None,
               # the first step traces and compiles the model (and autotunes): what it took beyond a measured step
               "compile_seconds": first_step_seconds - sum(seconds) / len(seconds) if t.compile else None}
     return result

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -36,3 +38,12 @@ def evaluate_bpb(model: torch.nn.Module, loader: TokenLoader, token_bytes: torch
     model.train(was_training)
     return {"val_loss": loss_sum / max(count, 1), "val_bpb": (nats / (math.log(2) * nbytes.clamp(min=1))).item(),
             "val_tokens": count}
+
+
+def held_out_bpb(model: torch.nn.Module, val_paths: Sequence[Path], token_bytes: torch.Tensor, batch_size: int,
+                 seq_len: int, batches: int, autocast: AbstractContextManager, tokenizer_hash: str) -> dict[str, float]:
+    """`evaluate_bpb` on the first `batches` batches of the val shards, in order, on `token_bytes`' device: the
+    same tokens whichever run or stage is measured."""
+    loader = TokenLoader(val_paths, batch_size, seq_len, shuffle=False, tokenizer_hash=tokenizer_hash,
+                         device=token_bytes.device, verify=False)
+    return evaluate_bpb(model, loader, token_bytes, batches, autocast)

@@ -29,10 +29,10 @@ import torch
 from tqdm import tqdm
 
 from ternchat.config import Config, load_config
-from ternchat.data.loader import TokenLoader, make_train_loader
+from ternchat.data.loader import make_train_loader
 from ternchat.data.pipeline import prepare_data
 from ternchat.data.shards import shard_paths
-from ternchat.eval.bpb import evaluate_bpb
+from ternchat.eval.bpb import held_out_bpb
 from ternchat.model.bitlinear import set_training_gemm, to_inference
 from ternchat.model.gpt import GPT, Block, GPTShape
 from ternchat.model.objective import objective_metrics
@@ -78,13 +78,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def compile_scope(cfg: Config) -> str:
-    """What `train.compile` compiles: "model" or "blocks" (`train.compile_scope`, auto resolved)."""
-    if cfg.train.compile_scope != "auto":
-        return cfg.train.compile_scope
-    return "blocks" if cfg.mhc.enabled else "model"
-
-
 def compile_if_possible(model: torch.nn.Module, device: torch.device, log, scope: str = "model") -> torch.nn.Module:
     """torch.compile of the whole model, or with `scope` "blocks" of each transformer block's forward in place
     (the FSDP2 and checkpointing wrappers around a block stay eager); eager, with a warning, where the CPU
@@ -97,6 +90,13 @@ def compile_if_possible(model: torch.nn.Module, device: torch.device, log, scope
             block.forward = torch.compile(block.forward)
         return model
     return torch.compile(model)
+
+
+def training_forward(cfg: Config, parallel_model: torch.nn.Module, device: torch.device, log) -> torch.nn.Module:
+    """The module a training step calls: `parallel_model`, compiled as `train.compile` and its scope say."""
+    if not cfg.train.compile:
+        return parallel_model
+    return compile_if_possible(parallel_model, device, log, cfg.compile_scope())
 
 
 def build_training(cfg: Config, shape: GPTShape, ranks: Ranks, device: torch.device
@@ -149,8 +149,7 @@ class Trainer:
         self.val_paths = shard_paths(data.shard_dir, "val")
         self.token_bytes = torch.tensor(self.tok.token_bytes(), dtype=torch.float32, device=self.device)
         self.autocast = autocast_for(t.dtype, self.device)
-        self.forward = (compile_if_possible(self.parallel_model, self.device, log, compile_scope(cfg)) if t.compile
-                        else self.parallel_model)
+        self.forward = training_forward(cfg, self.parallel_model, self.device, log)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.ranks.main)
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
         self.length = RunLength.fixed(t.max_steps, t.warmdown_frac) if t.max_steps else RunLength()
@@ -218,9 +217,8 @@ class Trainer:
                               self.cfg.optim.grad_clip, self.device)
 
     def evaluate(self) -> dict:
-        loader = TokenLoader(self.val_paths, self.cfg.train.batch_size, self.cfg.model.seq_len, shuffle=False,
-                             tokenizer_hash=self.tok.hash, device=self.device, verify=False)
-        return evaluate_bpb(self.model, loader, self.token_bytes, self.cfg.eval.val_batches, self.autocast)
+        return held_out_bpb(self.model, self.val_paths, self.token_bytes, self.cfg.train.batch_size,
+                            self.cfg.model.seq_len, self.cfg.eval.val_batches, self.autocast, self.tok.hash)
 
     def inference_model(self) -> GPT:
         """A copy with fixed ternary codes: same logits, no weight re-quantization per generated token.
