@@ -5,9 +5,12 @@
 #                                # optimizer and recompute mode (eager); bf16 vs FP8 GEMMs. One 80 GB GPU.
 #   scripts/gpu_rows.sh c        # preset C (5B, offload) with the GPU capped at 24 GiB
 #   scripts/gpu_rows.sh a        # preset A (7B) capped at 96 GiB: needs a GPU with more than 96 GiB
-#   scripts/gpu_rows.sh int8     # ~125M model compiled: dense bf16, ternary (float product), ternary with
-#                                # the exact int8 product, and with the FP8 input gradient as well, in one
-#                                # run; the CUDA tests of both first
+#   scripts/gpu_rows.sh perf     # ~125M model compiled, one run after another in one session: dense bf16,
+#                                # ternary (float product), the exact int8 product, int8 + FP8 input
+#                                # gradient, the fp8 recipe under its measured size rule and on every GEMM,
+#                                # mHC (compiled block by block); then one table against dense with compile
+#                                # seconds. The CUDA tests of these paths first, and bench gemm's size rule
+#                                # for every preset's GEMMs. Under 10 minutes on one H100/H200.
 #
 # Each benchmark's table goes to stdout and its JSON and log to $RESULTS (default gpu_rows/).
 # The presets run 4 micro-batches per optimizer step instead of their 26 or 32, so that a few steps
@@ -52,16 +55,24 @@ a)
     bench scale_a scale --config configs/config_a_threadripper_blackwell.toml --memory-cap 96GiB --steps 2 \
         --warmup 1 --set train.grad_accum=4
     ;;
-int8)
-    python3 -m pytest -q -p no:cacheprovider tests/test_int8_forward.py -k "cuda or tensor_cores" -rs 2>&1 | tail -n 4
+perf)
+    python3 -m pytest -q -p no:cacheprovider tests/test_int8_forward.py tests/test_gemm.py -k "cuda or tensor_cores" \
+        -rs 2>&1 | tail -n 4
     bench gemm gemm
-    bench scale_dense scale --config $SMALL --steps 10 --warmup 3 --set model.quant=none
-    bench scale_ternary_float scale --config $SMALL --steps 10 --warmup 3
-    bench scale_ternary_int8 scale --config $SMALL --steps 10 --warmup 3 --set model.ternary_gemm=int8
-    bench scale_ternary_int8_fp8dx scale --config $SMALL --steps 10 --warmup 3 --set model.ternary_gemm=int8_fp8_dx
+    RUN="scale --config $SMALL --steps 10 --warmup 3"
+    bench dense_bf16 $RUN --set model.quant=none
+    bench ternary $RUN
+    bench ternary_int8 $RUN --set model.ternary_gemm=int8
+    bench ternary_int8_fp8dx $RUN --set model.ternary_gemm=int8_fp8_dx
+    bench ternary_fp8_rule $RUN --set fp4.recipe=fp8
+    bench ternary_fp8_every_gemm $RUN --set fp4.recipe=fp8 --set fp4.fp8_min_macs=0
+    bench ternary_mhc $RUN --set mhc.enabled=true
+    ROWS=(dense_bf16 ternary ternary_int8 ternary_int8_fp8dx ternary_fp8_rule ternary_fp8_every_gemm ternary_mhc)
+    python3 -c "import sys; from ternchat.bench.scale_bench import compare_scale_runs as c; print(c(sys.argv[1:]))" \
+        $(for r in "${ROWS[@]}"; do [ -f "$RESULTS/$r.json" ] && echo "$RESULTS/$r.json"; done)
     ;;
 *)
-    echo "usage: $0 small|c|a|int8" >&2
+    echo "usage: $0 small|c|a|perf" >&2
     exit 2
     ;;
 esac

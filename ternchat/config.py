@@ -204,6 +204,9 @@ class FP4Config:
                                  "recipe's own (mxfp4_backward 64, nvfp4 16)")
     seed: int = _field(0, min=0, doc="seed of nvfp4's fixed Hadamard sign vector (stochastic rounding and "
                                      "redrawn signs draw from torch's generator, seeded by train.seed)")
+    fp8_min_macs: int = _field(-1, min=-1, doc="fp8's size rule: GEMMs of at least this many multiply-adds "
+                               "(M x N x K) run in FP8, the others in the compute dtype; -1 = measured at start on "
+                               "FP8 tensor cores (every GEMM where FP8 is emulated); 0 = every GEMM")
 
 
 @dataclass
@@ -582,6 +585,9 @@ def _validate(cfg: Config) -> None:
     if f.recipe != "none" and f.bf16_first_blocks + f.bf16_last_blocks >= m.depth:
         raise ConfigError(f"fp4.bf16_first_blocks + fp4.bf16_last_blocks = {f.bf16_first_blocks + f.bf16_last_blocks} "
                           f"leaves none of the model.depth = {m.depth} blocks to fp4.recipe = {f.recipe!r}")
+    if f.fp8_min_macs != -1 and f.recipe != "fp8":
+        raise ConfigError(f"fp4.fp8_min_macs = {f.fp8_min_macs} is the size rule of fp4.recipe = 'fp8', and the "
+                          f"recipe is {f.recipe!r}: set fp4.recipe = 'fp8', or leave fp4.fp8_min_macs out")
     if f.hadamard_block & (f.hadamard_block - 1):
         raise ConfigError(f"fp4.hadamard_block = {f.hadamard_block} must be a power of two (or 0 for the recipe's)")
     if cfg.collider.enabled and (cfg.mtp.kind != "none" or cfg.loop.enabled):

@@ -1,6 +1,7 @@
 """`ternchat bench scale` on the CPU (`--cpu`): the trainer's model, recompute, offload and optimizer
 run end to end on random tokens; without a GPU and without --cpu it refuses with a clear message."""
 
+import json
 import os
 import subprocess
 import sys
@@ -54,3 +55,26 @@ def test_compiled_offloaded_run_with_recompute_matches_eager(tmp_path, recompute
     values = [[float(x) for x in losses(r.stdout).removeprefix("losses: ").split(", ")] for r in (eager, compiled)]
     assert values[0] == pytest.approx(values[1], rel=2e-3)
     assert "FSDP::" in (tmp_path / "profile.txt").read_text()  # the profiled step's FSDP2 phases
+
+
+def test_a_run_under_the_fp8_recipe_reports_its_size_rule(tmp_path):
+    sets = [a for o in TINY for a in ("--set", o)]
+    result = bench("--cpu", "--steps", "1", "--warmup", "1", *sets, "--set", "fp4.recipe=fp8",
+                   "--set", "fp4.fp8_min_macs=100000", "--out", str(tmp_path / "scale.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rule = "fp8 size rule (set by fp4.fp8_min_macs): FP8 for GEMMs of at least 100,000 multiply-adds"
+    assert result.stdout.count(rule) == 2  # at start, and in the table
+
+
+def test_runs_compare_against_the_first_in_one_table(tmp_path):
+    from ternchat.bench.scale_bench import compare_scale_runs
+
+    sets = [a for o in TINY for a in ("--set", o)]
+    for name, extra in (("dense", ["--set", "model.quant=none"]), ("fp8", ["--set", "fp4.recipe=fp8"])):
+        result = bench("--cpu", "--steps", "1", "--warmup", "1", *sets, *extra, "--out", str(tmp_path / f"{name}.json"))
+        assert result.returncode == 0, result.stderr[-3000:]
+    table = compare_scale_runs([tmp_path / "dense.json", tmp_path / "fp8.json"]).splitlines()
+    dense, fp8 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("dense", "fp8"))
+    assert table[4].startswith(f"| dense | {dense['tok_s']:,.0f} | 1.00x | - | eager |")
+    assert table[5].startswith(f"| fp8 | {fp8['tok_s']:,.0f} | {fp8['tok_s'] / dense['tok_s']:.2f}x |")
+    assert table[5].endswith("| (FP8 emulated here, so every GEMM): every GEMM in FP8 |")

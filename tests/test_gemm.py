@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 
 import pytest
 import torch
@@ -12,8 +14,9 @@ import torch.nn.functional as F
 from ternchat.config import ConfigError, load_config
 from ternchat.model.bitlinear import BitLinear, quantize_activation, quantize_weight, ste
 from ternchat.model.collider import Collider
-from ternchat.model.fp4 import (GemmRecipe, Quantizer, fp8_gemm, make_recipe, quantize_mxfp4, quantize_nvfp4,
-                                quantize_nvfp4_2d, random_hadamard, round_e2m1, to_fp8)
+from ternchat.model.fp4 import (GemmRecipe, GemmSize, Quantizer, SizeRule, fp8_gemm, has_fp8_tensor_cores,
+                                linear_gemms, make_recipe, quantize_mxfp4, quantize_nvfp4, quantize_nvfp4_2d,
+                                random_hadamard, round_e2m1, rule_from_timings, time_fp8_gemms, to_fp8)
 from ternchat.model.gpt import GPT, MLP, GPTShape, rms_norm
 from ternchat.model.linear import Gemm, Linear, RowFilter, linear
 
@@ -215,6 +218,126 @@ def test_mxfp4_backward_gradients_are_unbiased_through_the_whole_model():
     assert single > 0.1 and mean < 2 * single / len(draws) ** 0.5
 
 
+# ---------------------------------------------------------------- FP8's size rule
+
+
+def test_the_fp8_size_is_the_smallest_at_or_above_which_fp8_won_every_measured_gemm():
+    small, middle, large = GemmSize("forward", 8, 8, 8), GemmSize("forward", 16, 16, 16), GemmSize("forward", 32, 32, 32)
+    assert rule_from_timings([(small, 1.0, 0.5), (middle, 1.0, 0.5), (large, 1.0, 0.5)]) == 0
+    assert rule_from_timings([(small, 1.0, 2.0), (middle, 1.0, 0.5), (large, 1.0, 0.5)]) == small.macs + 1
+    # a loss above a win moves the size above the loss: no measured GEMM runs in FP8 where it lost
+    assert rule_from_timings([(small, 1.0, 0.5), (middle, 1.0, 1.0), (large, 1.0, 0.5)]) == middle.macs + 1
+    assert rule_from_timings([(small, 1.0, 0.5), (large, 1.0, 3.0)]) == math.inf
+    gemms = linear_gemms(out_features=256, in_features=64, rows=128)
+    assert [(g.m, g.n, g.k) for g in gemms] == [(128, 256, 64), (128, 64, 256), (256, 64, 128)]
+
+
+def test_gemms_below_the_fp8_size_are_f_linears_bit_for_bit_and_those_above_run_in_fp8():
+    torch.manual_seed(0)
+    size = 10 ** 6  # between the 64 x 64 linear's GEMMs (128 x 64 x 64 = 524,288) and the 64 -> 256 one's
+    gemm = Gemm(Quantizer(make_recipe("fp8"), 0, fp8_min_macs=size))
+    x = torch.randn(2, 64, 64, requires_grad=True)  # 128 rows
+    for out_features, in_fp8 in ((64, False), (256, True)):
+        layer = Linear(64, out_features, gemm)
+        assert all(gemm.quantizer.takes(r, g.m, g.n, g.k) == in_fp8 for g, r in zip(
+            linear_gemms(out_features, 64, 128), (gemm.quantizer.recipe.forward, gemm.quantizer.recipe.input_grad,
+                                                  gemm.quantizer.recipe.weight_grad)))
+        upstream = torch.randn(2, 64, out_features)
+        results = []
+        for y_of in (lambda: layer(x), lambda: F.linear(x, layer.weight)):
+            x.grad = layer.weight.grad = None
+            y = y_of()
+            (y * upstream).sum().backward()
+            results.append((y.detach(), x.grad.clone(), layer.weight.grad.clone()))
+        recipe = gemm.quantizer.recipe
+        expected_y = fp8_gemm(x.detach().reshape(-1, 64), layer.weight.detach(), recipe.forward, torch.float32, False)
+        for own, plain in zip(*results):
+            assert torch.equal(own, plain) != in_fp8
+        if in_fp8:
+            assert torch.equal(results[0][0].reshape(-1, out_features), expected_y)
+
+
+def test_a_model_whose_gemms_are_all_below_the_fp8_size_trains_as_without_the_recipe():
+    sets = ["model.depth=3", "model.d_model=64", "model.n_heads=2", "model.seq_len=32"]
+    torch.manual_seed(0)
+    plain = GPT(GPTShape.from_config(load_config(overrides=sets), 256))
+    results = []
+    for extra in ([], ["fp4.recipe=fp8", f"fp4.fp8_min_macs={10 ** 12}"], ["fp4.recipe=fp8", "fp4.fp8_min_macs=0"]):
+        model = GPT(GPTShape.from_config(load_config(overrides=[*sets, *extra]), 256))
+        model.load_state_dict(plain.state_dict())
+        for p in model.parameters():
+            p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel())) if p.dim() == 2 else None
+        idx = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+        loss = model(idx, idx.roll(-1, 1))
+        loss.backward()
+        results.append((loss.detach(), _grads(model)))
+    (loss_plain, grads_plain), (loss_above, grads_above), (loss_fp8, grads_fp8) = results
+    assert torch.equal(loss_plain, loss_above)
+    assert all(torch.equal(grads_plain[n], grads_above[n]) for n in grads_plain)
+    assert not torch.equal(loss_plain, loss_fp8)  # with size 0 every GEMM of the first two blocks is FP8
+
+
+def test_the_fp8_size_rule_is_fitted_at_start_and_printed():
+    sets = ["model.depth=3", "model.d_model=64", "model.n_heads=2", "model.seq_len=32"]
+    cpu = torch.device("cpu")
+    notes = GPT(GPTShape.from_config(load_config(overrides=[*sets, "fp4.recipe=fp8"]), 256)).fit_gemms(
+        cpu, 128, torch.float32)
+    assert notes[0].startswith("GEMMs: fp8: emulated on CPU")
+    assert notes[1] == "fp8 size rule (FP8 emulated here, so every GEMM): every GEMM in FP8"
+    notes = GPT(GPTShape.from_config(load_config(overrides=[*sets, "fp4.recipe=fp8", "fp4.fp8_min_macs=5000000"]),
+                                     256)).fit_gemms(cpu, 128, torch.float32)
+    assert notes[1] == "fp8 size rule (set by fp4.fp8_min_macs): FP8 for GEMMs of at least 5,000,000 multiply-adds"
+    notes = GPT(GPTShape.from_config(load_config(overrides=[*sets, "fp4.recipe=nvfp4"]), 256)).fit_gemms(
+        cpu, 128, torch.float32)
+    assert len(notes) == 1 and "size rule" not in notes[0]
+
+
+def test_the_size_rule_measures_every_distinct_gemm_and_keeps_fp8_only_where_it_won():
+    """The measurement itself, run here on the emulation (the real one needs FP8 tensor cores)."""
+    gemms = linear_gemms(128, 64, 256) + linear_gemms(128, 64, 256) + linear_gemms(64, 64, 256)
+    timings = time_fp8_gemms(gemms, make_recipe("fp8"), torch.device("cpu"), torch.float32, real=False)
+    assert [g for g, _, _ in timings] == list(dict.fromkeys(gemms)) and len(timings) == 6
+    assert all(plain > 0 and fp8 > 0 for _, plain, fp8 in timings)
+    size = rule_from_timings(timings)
+    assert all(fp8 < plain for g, plain, fp8 in timings if g.macs >= size)
+    rule = SizeRule(size, "here", timings, counts=collections.Counter(gemms))
+    assert rule.speedup() >= 1  # never slower than the compute dtype alone, at the measured GEMMs
+    everything = SizeRule(0, "here", timings, counts=collections.Counter(gemms))
+    slower = sum(n * plain for g, n in collections.Counter(gemms).items() for h, plain, _ in timings if h == g)
+    assert everything.speedup() == pytest.approx(slower / sum(
+        n * fp8 for g, n in collections.Counter(gemms).items() for h, _, fp8 in timings if h == g))
+
+
+def test_bench_gemm_fits_the_size_rule_to_every_presets_model():
+    """On a GPU `ternchat bench gemm` times these GEMMs; here the presets' models must build (on the meta
+    device) and reach the rule, which the emulation answers with every GEMM."""
+    from ternchat.bench.gemm_bench import PRESET_SHAPES, preset_fp8_rules
+
+    rows = preset_fp8_rules(torch.device("cpu"))
+    assert [r["preset"] for r in rows] == list(PRESET_SHAPES)
+    assert all(r["lines"] == ["fp8 size rule (FP8 emulated here, so every GEMM): every GEMM in FP8"] for r in rows)
+    assert rows[1]["rows"] == 4 * 4096  # preset A: batch 4 x 4,096 tokens
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and has_fp8_tensor_cores(torch.device("cuda"))),
+                    reason="needs FP8 tensor cores (CUDA sm_89+)")
+def test_on_fp8_tensor_cores_the_size_rule_is_measured_for_the_models_gemms():
+    cuda = torch.device("cuda")
+    cfg = load_config(overrides=["model.depth=3", "model.d_model=768", "model.n_heads=6", "model.seq_len=512",
+                                 "fp4.recipe=fp8", "fp4.bf16_last_blocks=0"])
+    model = GPT(GPTShape.from_config(cfg, 8192)).to(cuda)
+    notes = model.fit_gemms(cuda, 4096, torch.bfloat16)
+    rule = next(m.gemm.quantizer for m in model.modules() if getattr(getattr(m, "gemm", None), "quantizer", None)).rule
+    assert notes[1].startswith("fp8 size rule (measured at start on")
+    assert len(rule.timings) == len({g for g, _, _ in rule.timings}) >= 3
+    assert all(fp8 < plain for g, plain, fp8 in rule.timings if g.macs >= rule.min_macs)
+    idx = torch.randint(0, 8192, (8, 512), device=cuda)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(idx, idx.roll(-1, 1))
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
 def test_fp4_config_errors_name_the_keys():
     with pytest.raises(ConfigError, match="fp4.recipe"):
         load_config(overrides=["fp4.recipe=int4"])
@@ -224,6 +347,10 @@ def test_fp4_config_errors_name_the_keys():
         load_config(overrides=["fp4.recipe=nvfp4", "fp4.hadamard_block=24"])
     with pytest.raises(ConfigError, match="collider"):
         load_config(overrides=["collider.enabled=true", "mtp.kind=modules"])
+    with pytest.raises(ConfigError, match="fp4.fp8_min_macs = 1000 .* set fp4.recipe = 'fp8'"):
+        load_config(overrides=["fp4.recipe=nvfp4", "fp4.fp8_min_macs=1000"])
+    with pytest.raises(ConfigError, match="fp4.fp8_min_macs"):
+        load_config(overrides=["fp4.recipe=fp8", "fp4.fp8_min_macs=-2"])
 
 
 # ---------------------------------------------------------------- Collider

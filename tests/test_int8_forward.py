@@ -148,6 +148,15 @@ def test_int8_needs_ternary_weights_and_no_gemm_hooks():
         load_config(overrides=["model.ternary_gemm=int8_fp8_dx", "model.quant=none"])
 
 
+def test_bench_train_times_the_int8_forward_next_to_the_float_one():
+    from ternchat.bench.train_bench import build_variant
+
+    cfg = load_config(overrides=["model.depth=2", "model.d_model=64", "model.n_heads=2", "model.seq_len=32"])
+    products = {name: {m.int8_forward for m in build_variant(name, cfg, 512, torch.device("cpu")).model.modules()
+                       if isinstance(m, BitLinear)} for name in ("c_compiled", "c_int8")}
+    assert products == {"c_compiled": {False}, "c_int8": {True}}
+
+
 def logits_by_product(device: str) -> dict[str, torch.Tensor]:
     """A GPT's logits in fp32 with the float product (the reference) and under bf16 autocast with each product
     (weights jiggled: the output projections start at zero, which would leave the blocks out of the logits)."""

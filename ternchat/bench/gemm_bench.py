@@ -88,20 +88,7 @@ def gemm_throughput(device: torch.device, tokens: int = 8192, reps: int = 30) ->
     """bf16 against FP8 `_scaled_mm` and int8 `_int_mm` (BitLinear's exact forward) GEMM TFLOP/s (TOPS for
     int8) for the ~125M model's and the presets' block matrices (CUDA only): the median of `reps` launches
     timed one by one with CUDA events, after 5 untimed ones, on random data."""
-    from ternchat.model.fp4 import to_fp8
-
-    def median_seconds(fn) -> float:
-        for _ in range(5):
-            fn()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(times)
+    from ternchat.model.fp4 import time_gemm, to_fp8
 
     rows = []
     for preset, path in PRESET_SHAPES.items():
@@ -118,17 +105,42 @@ def gemm_throughput(device: torch.device, tokens: int = 8192, reps: int = 30) ->
                      "fp8": lambda: torch._scaled_mm(a8, b8.t(), sa, sb, out_dtype=torch.bfloat16),
                      "int8": lambda: torch._int_mm(a_int, b_int.t())}
             rows.append({"preset": preset, "matrix": f"{name} ({k} x {n})",
-                         **{label: 2 * tokens * k * n / median_seconds(fn) / 1e12 for label, fn in timed.items()}})
+                         **{label: 2 * tokens * k * n / time_gemm(fn, device, reps, warmup=5) / 1e12
+                            for label, fn in timed.items()}})
+    return rows
+
+
+def preset_fp8_rules(device: torch.device) -> list[dict]:
+    """The size rule that the `fp8` recipe measures at the start of training each preset on `device`: its
+    model's block GEMMs at its micro-batch's rows, the bf16 product against FP8 with the casts and amax
+    reductions included (model/fp4.py). The model is built on the meta device: only its shapes are used."""
+    from ternchat.model.gpt import GPT, GPTShape
+
+    rows = []
+    for preset, path in PRESET_SHAPES.items():
+        cfg = load_config(path, ["fp4.recipe=fp8", "fp4.fp8_min_macs=-1", "fp4.hadamard_block=0",
+                                 "model.ternary_gemm=float", "collider.enabled=false"])
+        with torch.device("meta"):
+            model = GPT(GPTShape.from_config(cfg, cfg.tokenizer.vocab_size))
+        tokens = cfg.train.batch_size * cfg.model.seq_len
+        lines = model.fit_gemms(device, tokens, torch.bfloat16)
+        rule = next(m.gemm.quantizer.rule for m in model.modules()
+                    if getattr(getattr(m, "gemm", None), "quantizer", None) is not None)
+        rows.append({"preset": preset, "rows": tokens, "min_macs": rule.min_macs, "speedup": rule.speedup(),
+                     "lines": lines[1:],
+                     "gemms": [{"role": g.role, "m": g.m, "n": g.n, "k": g.k, "count": rule.counts.get(g, 1),
+                                "bf16_s": plain, "fp8_s": fp8} for g, plain, fp8 in rule.timings]})
     return rows
 
 
 def bench_gemm() -> dict:
-    """`ternchat bench gemm`: the GEMM rows alone, without `bench precision`'s training runs."""
+    """`ternchat bench gemm`: the GEMM rows alone, without `bench precision`'s training runs, and the FP8
+    size rule each preset's training would measure."""
     if not torch.cuda.is_available():
         raise RunError("bench gemm times CUDA tensor cores and there is no CUDA device here")
     device = torch.device("cuda")
     return {"machine": torch.cuda.get_device_name(device), "torch": torch.__version__,
-            "gemm_throughput": gemm_throughput(device)}
+            "gemm_throughput": gemm_throughput(device), "fp8_rules": preset_fp8_rules(device)}
 
 
 def format_gemm(report: dict) -> str:
@@ -140,6 +152,9 @@ def format_gemm(report: dict) -> str:
     for r in report["gemm_throughput"]:
         lines.append(f"| {r['preset']} | {r['matrix']} | {r['bf16']:.0f} | {r['fp8']:.0f} | {r['int8']:.0f} | "
                      f"{r['fp8'] / r['bf16']:.2f}x | {r['int8'] / r['bf16']:.2f}x |")
+    for r in report.get("fp8_rules", []):
+        lines += ["", f"{r['preset']}, {r['rows']:,} rows per micro-batch: "
+                      f"the fp8 recipe's block GEMMs {r['speedup']:.2f}x as fast as bf16 under its size rule", *r["lines"]]
     return "\n".join(lines)
 
 

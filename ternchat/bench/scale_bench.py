@@ -30,7 +30,7 @@ from ternchat.plan import plan_memory
 from ternchat.train.distributed import Ranks, init_distributed, launched_ranks, shutdown_distributed
 from ternchat.train.errors import RunError
 from ternchat.train.report import bf16_peak_tflops, machine
-from ternchat.train.step import autocast_for, optimizer_step
+from ternchat.train.step import autocast_for, compute_dtype, optimizer_step
 from ternchat.train.trainer import build_training, peak_memory_bytes, training_forward
 
 def bench_scale(cfg: Config, steps: int, warmup: int, memory_cap: int | None = None,
@@ -59,8 +59,11 @@ def _measure(cfg: Config, steps: int, warmup: int, ranks: Ranks, device: torch.d
     t = cfg.train
     shape = GPTShape.from_config(cfg, cfg.tokenizer.vocab_size)
     model, parallel_model, optimizer = build_training(cfg, shape, ranks, device)
-    forward = training_forward(cfg, parallel_model, device, print)
     autocast = autocast_for(t.dtype, device)
+    notes = model.fit_gemms(device, t.batch_size * shape.seq_len, compute_dtype(autocast))
+    if ranks.main and notes:
+        print("\n".join(notes))
+    forward = training_forward(cfg, parallel_model, device, print)
     generator = torch.Generator().manual_seed(t.seed + ranks.rank)
     batches = [torch.randint(0, shape.vocab_size, (t.batch_size, shape.seq_len + 1), generator=generator)
                for _ in range(t.grad_accum)]
@@ -123,7 +126,8 @@ def _measure(cfg: Config, steps: int, warmup: int, ranks: Ranks, device: torch.d
               "offload": cfg.dist.offload, "compile": t.compile,
               "compile_scope": cfg.compile_scope() if t.compile else None,
               # the first step traces and compiles the model (and autotunes): what it took beyond a measured step
-              "compile_seconds": first_step_seconds - sum(seconds) / len(seconds) if t.compile else None}
+              "compile_seconds": first_step_seconds - sum(seconds) / len(seconds) if t.compile else None,
+              "gemm_notes": notes}
     return result
 
 
@@ -154,8 +158,31 @@ def format_scale(r: dict) -> str:
         f"strategy {r['strategy']}{', offload' if r['offload'] else ''}, compile {r['compile']}"
         + (f" ({r['compile_scope']}; the first step took {r['compile_seconds']:.1f} s more than a measured one)"
            if r.get("compile_seconds") is not None else ""),
+        *r.get("gemm_notes", []),
         f"tok/s {r['tok_s']:,.0f} ({r['seconds_per_step']:.2f} s per step over {r['steps']} steps after "
         f"{r['warmup']} warm-up), of which optimizer.step {r['update_seconds_per_step']:.2f} s",
         f"model FLOP rate 6 x params x tok/s: {r['model_tflops']:,.3f} TFLOP/s; {mfu}",
         memory,
         f"losses: {', '.join(f'{x:.4f}' for x in r['losses'])}"])
+
+
+def compare_scale_runs(paths: list[str | Path]) -> str:
+    """One table of several `bench scale --out` results, each against the first (the baseline measured
+    in the same session): tok/s and its ratio, MFU, what the first step took beyond a measured one
+    (compilation), peak memory, and an FP8 recipe's size rule where there was one."""
+    import json
+
+    runs = [(Path(p).stem, json.loads(Path(p).read_text())) for p in paths]
+    base = runs[0][1]["tok_s"]
+    lines = [f"{runs[0][1]['device']}, each run against {runs[0][0]}:", "",
+             "| run | tok/s | vs first | MFU | first step beyond a measured one | peak GiB | fp8 size rule |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in runs:
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        compiled = (f"{r['compile_seconds']:.1f} s ({r['compile_scope']})" if r.get("compile_seconds") is not None
+                    else "eager")
+        rule = next((note.removeprefix("fp8 size rule ") for note in r.get("gemm_notes", [])
+                     if note.startswith("fp8 size rule")), "-")
+        lines.append(f"| {name} | {r['tok_s']:,.0f} | {r['tok_s'] / base:.2f}x | {mfu} | {compiled} | "
+                     f"{r['peak_memory_bytes'] / 2 ** 30:.2f} | {rule} |")
+    return "\n".join(lines)

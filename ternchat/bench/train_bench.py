@@ -7,6 +7,8 @@ Variants, all at the same model shape, batch and real token batches:
      eager (c_eager) and compiled (c_compiled)
   b_muon  (b) with ternchat's Muon: separates the optimizer's cost (b -> b_muon) from the
      ternary quantization's (b_muon -> c_compiled)
+  c_int8  (c_compiled) with the exact int8 forward (`model.ternary_gemm = "int8"`, torch._int_mm): whether
+     this machine's integer GEMM beats its float one at the model's shapes (AVX512-VNNI or AMX on a CPU)
 Throughput is measured in one process, the variants taking turns round by round, so they share
 the machine's state; the reported tok/s is each variant's total tokens over its total time.
 Peak memory is measured per variant: CUDA peak allocation in the same process, or on CPU the
@@ -28,6 +30,7 @@ from ternchat.config import Config
 from ternchat.data.loader import TokenLoader
 from ternchat.data.pipeline import prepare_data
 from ternchat.data.shards import shard_paths
+from ternchat.model.bitlinear import set_training_gemm
 from ternchat.model.gpt import GPT, GPTShape
 from ternchat.optim.factory import build_optimizer
 from ternchat.train.report import machine
@@ -40,6 +43,7 @@ VARIANTS = {
     "b_muon": "dense bf16 autocast, Muon, compiled",
     "c_eager": "ternary, Muon, bf16 autocast, eager",
     "c_compiled": "ternary, Muon, bf16 autocast, compiled",
+    "c_int8": "ternary, Muon, bf16 autocast, compiled, exact int8 forward",
 }
 
 
@@ -59,12 +63,13 @@ def build_variant(name: str, cfg: Config, vocab_size: int, device: torch.device)
     muon = name.startswith("c") or name == "b_muon"
     shape = GPTShape.from_config(cfg, vocab_size)
     torch.manual_seed(0)
-    model = GPT(GPTShape(**{**shape.__dict__, "quant": quant})).to(device)
+    model = set_training_gemm(GPT(GPTShape(**{**shape.__dict__, "quant": quant})).to(device),
+                              "int8" if name == "c_int8" else "float")
     if muon:
         optimizer = build_optimizer(model, cfg.optim)
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr_embed, betas=(cfg.optim.beta1, cfg.optim.beta2))
-    forward = torch.compile(model) if name in ("b", "b_muon", "c_compiled") else model
+    forward = torch.compile(model) if name in ("b", "b_muon", "c_compiled", "c_int8") else model
     autocast = contextlib.nullcontext() if name == "a" else autocast_for("bf16", device)
     return Variant(name, model, forward, optimizer, autocast)
 
@@ -140,10 +145,11 @@ def format_table(result: dict) -> str:
     lines = [f"Machine: {result['machine']}; device {result['device']}; shape {result['shape']}; "
              f"{result['rounds']} rounds x {result['steps_per_round']} steps per variant; memory: "
              f"{result['memory_method']}.", "",
-             "| variant | tok/s | vs (a) | vs (b) | peak memory |", "|---|---|---|---|---|"]
+             "| variant | tok/s | vs (a) | vs (b) | vs (c_compiled) | peak memory |", "|---|---|---|---|---|---|"]
     for name, label in VARIANTS.items():
         lines.append(f"| ({name}) {label} | {tok_s[name]:,.0f} | {tok_s[name] / tok_s['a']:.2f}x | "
-                     f"{tok_s[name] / tok_s['b']:.2f}x | {mem[name] / 2**20:,.0f} MiB |")
+                     f"{tok_s[name] / tok_s['b']:.2f}x | {tok_s[name] / tok_s['c_compiled']:.2f}x | "
+                     f"{mem[name] / 2**20:,.0f} MiB |")
     return "\n".join(lines)
 
 

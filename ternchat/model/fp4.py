@@ -28,6 +28,17 @@ Recipes (`[fp4] recipe`):
   activations and weights, E5M2 for gradients, GEMMs by `torch._scaled_mm` on FP8 tensor cores (CUDA
   sm_89+), emulated elsewhere.
 
+FP8's size rule. Each FP8 GEMM pays for two amax reductions and two casts, which cost more than the
+faster product saves on small matrices (torchao's float8 training skips linears below sizes its H100
+benchmarks found; `ternchat bench gemm` found FP8 faster only on the presets' large shapes). So on FP8
+tensor cores the recipe measures, once at start on the device it trains on, every distinct GEMM of the
+model at its micro-batch's rows: the bf16 product against the FP8 one with its casts and reductions
+included (eager; median of CUDA-event timings). The rule is a size in multiply-adds (M x N x K): a GEMM
+runs in FP8 when it is at least that large, and the size is the smallest for which FP8 won at every
+measured GEMM as large or larger, so no measured GEMM runs in FP8 where it lost. `[fp4] fp8_min_macs`
+sets the size instead (0 = every GEMM). Where FP8 is emulated, speed is not what the recipe is for, and
+every GEMM takes it unless a size is set.
+
 For a ternary BitLinear the weight operand {-beta, 0, +beta} is exact in NVFP4 (every non-zero block
 has amax beta, so its E4M3 scale is exactly 448 and the codes are +-6) and in tensorwise FP8, so there
 FP4 changes the activations (already 8-bit) and the gradients. MXFP4's power-of-two scale cannot hold
@@ -36,9 +47,12 @@ beta: beta / scale lies in [4, 8) and rounds to 4 or 6.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
-from dataclasses import dataclass
+import statistics
+import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -251,15 +265,158 @@ def fp8_gemm(a: torch.Tensor, b: torch.Tensor, g: GemmRecipe, out_dtype: torch.d
     return torch._scaled_mm(a8.contiguous(), b8.contiguous().t(), sa, sb, out_dtype=out_dtype)
 
 
+@dataclass(frozen=True)
+class GemmSize:
+    """One GEMM of a linear layer, A (m, k) @ B (n, k)^T: which of the three (`forward`, `input grad`,
+    `weight grad`) and its sizes."""
+    role: str
+    m: int
+    n: int
+    k: int
+
+    @property
+    def macs(self) -> int:
+        return self.m * self.n * self.k
+
+
+def linear_gemms(out_features: int, in_features: int, rows: int) -> list[GemmSize]:
+    """The three GEMMs of a linear (out_features x in_features) on `rows` rows: Y = X W^T, dX = dY W and
+    dW = dY^T X, each as A @ B^T with the reduction dimension last."""
+    return [GemmSize("forward", rows, out_features, in_features),
+            GemmSize("input grad", rows, in_features, out_features),
+            GemmSize("weight grad", out_features, in_features, rows)]
+
+
+@dataclass
+class SizeRule:
+    """FP8 for GEMMs of at least `min_macs` multiply-adds (math.inf: none); `how` says where the size came
+    from, and `timings` holds the measured GEMMs as (GEMM, seconds in the compute dtype, seconds in FP8)."""
+    min_macs: float = 0
+    how: str = "every GEMM"
+    timings: list[tuple[GemmSize, float, float]] = field(default_factory=list)
+    plain: str = "bf16"  # the compute dtype the timings compare FP8 against
+    counts: dict[GemmSize, int] = field(default_factory=dict)  # how often the model runs each measured GEMM
+
+    def applies(self, m: int, n: int, k: int) -> bool:
+        return m * n * k >= self.min_macs
+
+    def speedup(self) -> float:
+        """The measured time of all the model's GEMMs under the recipe in the compute dtype over their time
+        under this rule (each GEMM as often as the model runs it)."""
+        if not self.timings:
+            return math.nan  # nothing measured
+        plain = sum(self.counts.get(g, 1) * t for g, t, _ in self.timings)
+        ruled = sum(self.counts.get(g, 1) * (fp8 if self.applies(g.m, g.n, g.k) else t) for g, t, fp8 in self.timings)
+        return plain / ruled
+
+    def lines(self) -> list[str]:
+        if math.isinf(self.min_macs):
+            head = f"fp8 size rule ({self.how}): no GEMM in FP8"
+        elif self.min_macs == 0:
+            head = f"fp8 size rule ({self.how}): every GEMM in FP8"
+        else:
+            head = f"fp8 size rule ({self.how}): FP8 for GEMMs of at least {int(self.min_macs):,} multiply-adds"
+        if self.timings:
+            head += f"; the model's GEMMs {self.speedup():.2f}x as fast as in {self.plain} alone"
+        rows = [f"  {g.role} {g.m} x {g.n} x {g.k}: {self.plain} {plain * 1e6:,.0f} us, FP8 with casts "
+                f"{fp8 * 1e6:,.0f} us ({plain / fp8:.2f}x) -> {'FP8' if self.applies(g.m, g.n, g.k) else self.plain}"
+                for g, plain, fp8 in self.timings]
+        return [head, *rows]
+
+
+def rule_from_timings(timings: list[tuple[GemmSize, float, float]]) -> float:
+    """The smallest size in multiply-adds at or above which FP8 was faster at every measured GEMM: one
+    above the largest GEMM where it was not (0 when it always won, math.inf when it lost at the largest)."""
+    lost = [g.macs for g, plain, fp8 in timings if fp8 >= plain]
+    if not lost:
+        return 0
+    if max(lost) >= max(g.macs for g, _, _ in timings):
+        return math.inf
+    return max(lost) + 1
+
+
+def time_gemm(fn, device: torch.device, reps: int = 20, warmup: int = 3) -> float:
+    """Median seconds of `fn()` over `reps` calls after `warmup` untimed ones, each call timed on its own:
+    CUDA events on a GPU, the wall clock elsewhere."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            start_s = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start_s)
+    return statistics.median(times)
+
+
+def time_fp8_gemms(gemms: list[GemmSize], recipe: Recipe, device: torch.device, dtype: torch.dtype,
+                   real: bool) -> list[tuple[GemmSize, float, float]]:
+    """Each GEMM timed on random operands in `dtype`, laid out as model/linear.py passes them: the plain
+    product, and the recipe's FP8 product with its amax reductions and casts (`real`: `torch._scaled_mm`;
+    else the emulation)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def operand(rows: int, cols: int, transposed: bool) -> torch.Tensor:
+        if transposed:  # laid out as the linear hands it over: a transposed view of a (cols, rows) tensor
+            return torch.randn(cols, rows, device=device, dtype=dtype, generator=generator).t()
+        return torch.randn(rows, cols, device=device, dtype=dtype, generator=generator)
+
+    timings = []
+    for g in dict.fromkeys(gemms):  # distinct, in order
+        gemm = {"forward": recipe.forward, "input grad": recipe.input_grad, "weight grad": recipe.weight_grad}[g.role]
+        # forward X (rows, in) and W (out, in); input grad dY (rows, out) and W^T; weight grad dY^T and X^T
+        a = operand(g.m, g.k, transposed=g.role == "weight grad")
+        b = operand(g.n, g.k, transposed=g.role != "forward")
+        plain = time_gemm(lambda: a @ b.t(), device)
+        low = time_gemm(lambda: fp8_gemm(a, b, gemm, dtype, real), device)
+        timings.append((g, plain, low))
+    return timings
+
+
+def agree_across_ranks(min_macs: float, device: torch.device) -> float:
+    """Rank 0's size, so that every rank of a distributed run multiplies the same GEMMs in FP8."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return min_macs
+    value = torch.tensor([min_macs], dtype=torch.float64, device=device)
+    dist.broadcast(value, src=0)
+    return float(value.item())
+
+
 class Quantizer:
     """Runs one recipe's GEMMs. Stochastic rounding and redrawn Hadamard signs draw from torch's global
     generator, which the trainer seeds and checkpoints, so a resumed run draws what the uninterrupted one
-    would; a fixed sign vector comes from `seed`."""
+    would; a fixed sign vector comes from `seed`. An FP8 recipe's GEMMs below its size rule run in the
+    compute dtype."""
 
-    def __init__(self, recipe: Recipe, seed: int):
+    def __init__(self, recipe: Recipe, seed: int, fp8_min_macs: int = -1):
         self.recipe = recipe
         self.seed = seed
         self._fixed_signs: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self.fp8_min_macs = fp8_min_macs  # -1: measured by `fit` on FP8 tensor cores
+        self.rule = SizeRule() if fp8_min_macs < 0 else SizeRule(fp8_min_macs, "set by fp4.fp8_min_macs")
+
+    def fit(self, gemms: list[GemmSize], device: torch.device, dtype: torch.dtype) -> list[str]:
+        """Fits the recipe to a run on `device` whose GEMMs under it are `gemms`, in `dtype`: FP8's size rule,
+        measured where it is FP8's to measure (module docstring). Returns what to print at start."""
+        if self.recipe.name != "fp8":
+            return []
+        if self.fp8_min_macs < 0 and not has_fp8_tensor_cores(device):
+            self.rule = SizeRule(0, "FP8 emulated here, so every GEMM")
+        elif self.fp8_min_macs < 0:
+            timings = time_fp8_gemms(gemms, self.recipe, device, dtype, real=True)
+            self.rule = SizeRule(agree_across_ranks(rule_from_timings(timings), device),
+                                 f"measured at start on {torch.cuda.get_device_name(device)}, casts included", timings,
+                                 str(dtype).removeprefix("torch."), collections.Counter(gemms))
+        return self.rule.lines()
 
     def signs(self, n: int, device: torch.device) -> torch.Tensor:
         if self.recipe.fresh_signs:
@@ -268,6 +425,13 @@ class Quantizer:
             g = torch.Generator(device=device).manual_seed(self.seed)
             self._fixed_signs[n, device] = torch.randint(0, 2, (n,), device=device, generator=g).float() * 2 - 1
         return self._fixed_signs[n, device]
+
+    def takes(self, g: GemmRecipe, m: int, n: int, k: int) -> bool:
+        """Whether GEMM recipe `g` changes an (m, k) @ (n, k)^T product: it quantizes or rotates, and an FP8
+        GEMM is as large as the size rule asks. The linear multiplies the others as F.linear would."""
+        if not g.quantized and not g.hadamard:
+            return False
+        return g.a.format not in ("e4m3", "e5m2") or self.rule.applies(m, n, k)
 
     def gemm(self, a: torch.Tensor, b: torch.Tensor, g: GemmRecipe) -> torch.Tensor:
         """A (M, K) @ B (N, K)^T under GEMM recipe `g`, returned in A's dtype."""
@@ -309,16 +473,18 @@ class PrecisionShape:
     head: bool = False
     hadamard: int = 0  # random Hadamard block; 0 = the recipe's own
     seed: int = 0
+    fp8_min_macs: int = -1  # FP8's size rule: -1 measured at start, else GEMMs of at least this many in FP8
 
     @classmethod
     def from_config(cls, f) -> "PrecisionShape | None":
         """The shape of the config's `[fp4]` section; None when no recipe is chosen."""
         if f.recipe == "none":
             return None
-        return cls(f.recipe, f.bf16_first_blocks, f.bf16_last_blocks, f.quantize_head, f.hadamard_block, f.seed)
+        return cls(f.recipe, f.bf16_first_blocks, f.bf16_last_blocks, f.quantize_head, f.hadamard_block, f.seed,
+                   f.fp8_min_macs)
 
     def quantizer(self) -> Quantizer:
-        return Quantizer(make_recipe(self.recipe, self.hadamard), self.seed)
+        return Quantizer(make_recipe(self.recipe, self.hadamard), self.seed, self.fp8_min_macs)
 
     def note(self, depth: int, device: torch.device) -> str:
         kept = depth - self.bf16_first - self.bf16_last

@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ternchat.model.bitlinear import BitLinear, TernaryLinear, make_linear
 from ternchat.model.collider import make_collider
+from ternchat.model.fp4 import linear_gemms
 from ternchat.model.linear import NO_HOOKS, Gemm, Linear, RowFilter
 from ternchat.model.looped import make_loop, q_exit_steps
 from ternchat.model.mhc import PlainResidual, ResidualStreams, make_residual
@@ -319,11 +320,21 @@ class GPT(nn.Module):
             out.append(self.mtp.logits(k, h_k, self.lm_head))
         return out
 
-    def gemm_notes(self, device: torch.device) -> list[str]:
-        """What the linears' GEMM hooks do on `device`, for the start of a run: the precision path, the filter."""
+    def fit_gemms(self, device: torch.device, rows: int, dtype: torch.dtype) -> list[str]:
+        """Fits the linears' GEMM hooks to a run on `device` with `rows` rows per micro-batch in `dtype` (an
+        FP8 recipe measures its size rule there, model/fp4.py) and says what they do, for the start of the
+        run: the precision path and rule, the filter."""
         s = self.shape
-        return ([s.precision.note(s.depth, device)] if s.precision is not None else []) + \
-            ([s.collider.note()] if self.collider is not None else [])
+        notes = [s.precision.note(s.depth, device)] if s.precision is not None else []
+        quantized: dict[int, tuple] = {}  # the quantizer's id -> (quantizer, its linears' GEMMs)
+        for module in self.modules():
+            quantizer = getattr(getattr(module, "gemm", None), "quantizer", None)
+            if quantizer is not None:
+                gemms = quantized.setdefault(id(quantizer), (quantizer, []))[1]
+                gemms += linear_gemms(module.out_features, module.in_features, rows)
+        for quantizer, gemms in quantized.values():
+            notes += quantizer.fit(gemms, device, dtype)
+        return notes + ([s.collider.note()] if self.collider is not None else [])
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters by kind: embedding, head, block matrices (ternary or dense), norm gains."""

@@ -67,9 +67,10 @@ class _LinearGemms(torch.autograd.Function):
         ctx.save_for_backward(x, w)  # w may be a parameter in a higher precision than x: cast where used
         ctx.gemm = gemm
         w = w.to(x.dtype)
-        if gemm.quantizer is None or not gemm.quantizer.recipe.forward.quantized:
+        q, rows = gemm.quantizer, x.numel() // x.shape[-1]
+        if q is None or not q.takes(q.recipe.forward, rows, w.shape[0], w.shape[1]):
             return F.linear(x, w)
-        y = gemm.quantizer.gemm(x.reshape(-1, x.shape[-1]), w, gemm.quantizer.recipe.forward)
+        y = q.gemm(x.reshape(-1, x.shape[-1]), w, q.recipe.forward)
         return y.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
@@ -86,13 +87,16 @@ class _LinearGemms(torch.autograd.Function):
                                    f"{dy2.shape[0]}: the filter belongs to another batch")
             dy2, x2 = dy2.index_select(0, kept), x2.index_select(0, kept)
         dx = dw = None
+        rows, (n_out, n_in) = dy2.shape[0], w.shape
         if ctx.needs_input_grad[0]:  # the same mm calls as F.linear's own backward
-            dx_rows = dy2.mm(w) if q is None else q.gemm(dy2, w.t(), q.recipe.input_grad)
+            plain = q is None or not q.takes(q.recipe.input_grad, rows, n_in, n_out)
+            dx_rows = dy2.mm(w) if plain else q.gemm(dy2, w.t(), q.recipe.input_grad)
             if kept is not None:
                 dx_rows = dy2.new_zeros(gemm.rows.total, x.shape[-1]).index_copy_(0, kept, dx_rows)
             dx = dx_rows.view(x.shape)
         if ctx.needs_input_grad[1]:
-            dw = x2.t().mm(dy2).t() if q is None else q.gemm(dy2.t(), x2.t(), q.recipe.weight_grad)
+            plain = q is None or not q.takes(q.recipe.weight_grad, n_out, n_in, rows)
+            dw = x2.t().mm(dy2).t() if plain else q.gemm(dy2.t(), x2.t(), q.recipe.weight_grad)
             dw = dw.to(weight.dtype)
         return dx, dw, None
 

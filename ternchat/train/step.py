@@ -21,6 +21,11 @@ def autocast_for(dtype: str, device: torch.device) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def compute_dtype(autocast: contextlib.AbstractContextManager) -> torch.dtype:
+    """The dtype the GEMMs run in under `autocast` (an `autocast_for` context)."""
+    return autocast.fast_dtype if isinstance(autocast, torch.autocast) else torch.float32
+
+
 def optimizer_step(forward: Callable, model: torch.nn.Module, optimizer: CombinedOptimizer,
                    batches: Iterable[tuple], grad_accum: int, autocast: contextlib.AbstractContextManager,
                    grad_clip: float, device: torch.device) -> float:

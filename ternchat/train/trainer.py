@@ -45,7 +45,7 @@ from ternchat.train.distributed import (Ranks, barrier, full_model_state, gather
                                         is_sharded, launched_ranks, model_home, parallelize, shutdown_distributed)
 from ternchat.train.metrics import MetricsLog
 from ternchat.train.schedule import RunLength, schedule
-from ternchat.train.step import autocast_for, optimizer_step
+from ternchat.train.step import autocast_for, compute_dtype, optimizer_step
 
 TRAINING_SHARE_OF_BUDGET = 0.9  # of a time budget; the rest is left for the final evals and samples
 
@@ -139,16 +139,16 @@ class Trainer:
         log(f"model: {self.shape.depth} blocks x {self.shape.d_model}, {counts['total']:,} parameters: embedding "
             f"{counts['embedding']:,}, head {counts['head']:,}, {kind} block matrices {counts['block_matrices']:,}, "
             f"norm gains {counts['norm_gains']:,}")
-        for line in self.model.gemm_notes(self.device):
-            log(line)
         t = cfg.train
+        self.autocast = autocast_for(t.dtype, self.device)
+        for line in self.model.fit_gemms(self.device, t.batch_size * cfg.model.seq_len, compute_dtype(self.autocast)):
+            log(line)
         self.train_loader = make_train_loader(
             cfg.loader, shard_paths(data.shard_dir, "train"), tokenizer=self.tok, tokenizer_dir=data.tokenizer_dir,
             corpus_dir=data.corpus_dir, batch_size=t.batch_size, seq_len=cfg.model.seq_len, seed=t.seed,
             rank=self.ranks.rank, world_size=self.ranks.world_size, device=self.device, log=log)
         self.val_paths = shard_paths(data.shard_dir, "val")
         self.token_bytes = torch.tensor(self.tok.token_bytes(), dtype=torch.float32, device=self.device)
-        self.autocast = autocast_for(t.dtype, self.device)
         self.forward = training_forward(cfg, self.parallel_model, self.device, log)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.ranks.main)
         self.step, self.tokens_seen, self.elapsed = 0, 0, 0.0
