@@ -10,7 +10,8 @@
 #                                # gradient, the fp8 recipe under its measured size rule and on every GEMM,
 #                                # mHC (compiled block by block); then one table against dense with compile
 #                                # seconds. The CUDA tests of these paths first, and bench gemm's size rule
-#                                # for every preset's GEMMs. Under 10 minutes on one H100/H200.
+#                                # for every preset's GEMMs. Sized for 10 minutes on one H100/H200 (not
+#                                # yet timed on one).
 #
 # Each benchmark's table goes to stdout and its JSON and log to $RESULTS (default gpu_rows/).
 # The presets run 4 micro-batches per optimizer step instead of their 26 or 32, so that a few steps
